@@ -1,0 +1,403 @@
+"""The client: submits tasks, owns the sink their results come back to (layer 4).
+
+The rule it keeps: the client is the durable copy of its tasks. Every
+unfinished task keeps its encoded call in its handle; whenever a scheduler
+WELCOMEs this client (first contact, a restarted scheduler, or one that had
+forgotten us) every task sent and not finished is sent again under the same
+id. The scheduler ignores ids it already holds, and the sink drops a second
+result for an id, so the caller sees exactly one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import zmq
+
+from . import transport
+from .config import ClientConfig, FabricAddress, local_ip_towards
+from .errors import ConfigError, FabricUnreachable, ProtocolError, SubmitError, TaskRejected
+from .execution import check_options
+from .handle import DONE, SENT, WAITING, Handle
+from .protocol import MAX_BATCH_BYTES, Kind, decode, encode, encode_call, describe_unencodable
+from .registry import function_name
+
+log = logging.getLogger(__name__)
+
+_SINK_KINDS = (Kind.WELCOME, Kind.ACCEPTED, Kind.REJECTED, Kind.HEARTBEAT, Kind.RESULT, Kind.STATUS_REPLY)
+TaskRef = Callable[..., Any] | str
+
+
+class Submitter:
+    """Submission with options, e.g. ``client.options(timeout_s=5, retries=2, priority=1).submit(fn, x)``.
+
+    Options never mix with the task's own keyword arguments.
+    ``priority`` (int, higher first), ``timeout_s``, ``retries``, ``retry_on``
+    (exception class names), ``backoff_s``.
+    """
+
+    def __init__(self, client: "Client", priority: int = 0, **options: Any) -> None:
+        if type(priority) is not int:
+            raise ConfigError(f"priority must be an int, got {type(priority).__name__}")
+        if "retry_on" in options:
+            options["retry_on"] = [c if isinstance(c, str) else c.__name__ for c in options["retry_on"]]
+        problem = check_options(options)
+        if problem:
+            raise ConfigError(problem)
+        self._client = client
+        self._priority = priority
+        self._options = options
+
+    def submit(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> Handle:
+        return self._client._submit(fn, args, kwargs, self._options, self._priority)
+
+    async def submit_wait(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> Handle:
+        await self._client._wait_for_room()
+        return self.submit(fn, *args, **kwargs)
+
+    async def map(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None) -> list[Any]:
+        return [value async for value in self.imap(fn, *iterables, window=window)]
+
+    async def imap(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None) -> AsyncIterator[Any]:
+        """Results in input order, keeping at most `window` tasks outstanding (the iterable may be lazy)."""
+        window = window or self._client.config.window
+        name = self._client._name(fn)
+        pending: deque[Handle] = deque()
+        items = iter(zip(*iterables)) if len(iterables) != 1 else ((x,) for x in iterables[0])
+        submit = self._client._submit
+        try:
+            for args in items:
+                pending.append(submit(name, args, {}, self._options, self._priority))
+                if len(pending) >= window:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for handle in pending:
+                handle.cancel()
+
+
+class Client(Submitter):
+    """Connects to a fabric: ``async with zfabric.Client("tcp://host:7100") as client: ...``."""
+
+    def __init__(self, address: str | ClientConfig | None = None, **options: Any) -> None:
+        if isinstance(address, ClientConfig):
+            config = address
+        else:
+            config = ClientConfig(**options) if address is None else ClientConfig(address=address, **options)
+        FabricAddress.parse(config.address)
+        super().__init__(self)
+        self.config = config
+        self.sink_address = ""
+        self.epoch: int | None = None
+        self.duplicates = 0
+        self.bad_input = transport.BadInput("client")
+        self._id_base = int.from_bytes(os.urandom(4), "big") >> 1 << 32
+        self._client_id = self._id_base.to_bytes(8, "big")
+        self._seq = 0
+        self._handles: dict[int, Handle] = {}
+        self._outbox: deque[Handle] = deque()
+        self._cancels: list[int] = []
+        self._in_scheduler = 0
+        self._names: dict[Any, str] = {}
+        self._pump_scheduled = False
+        self._welcomed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._last_heard = time.monotonic()
+        self._started = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> "Client":
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        address = FabricAddress.parse(cfg.address)
+        hb_ms = int(cfg.timing.heartbeat_s * 1000)
+        self._intake = transport.make_socket(zmq.PUSH, connect=True, linger_ms=500, sndhwm=1000, heartbeat_ms=hb_ms)
+        self._intake.setsockopt(zmq.IMMEDIATE, 1)
+        self._sink = transport.make_socket(zmq.PULL, connect=False, rcvhwm=100_000, heartbeat_ms=hb_ms)
+        self.sink_address = self._bind_sink(address)
+        self._intake.connect(address.intake)
+        self._to_scheduler = transport.Sender(self._intake, limit=1_000_000)
+        self._reader = transport.Reader(self._sink, self._on_sink, "sink")
+        self._tasks = [asyncio.create_task(self._reader.run(self._stop)), asyncio.create_task(self._ticker())]
+        self._started = True
+        self._last_heard = time.monotonic()
+        self._hello()
+        try:
+            await asyncio.wait_for(self._welcomed.wait(), cfg.timeout_s)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise FabricUnreachable(
+                f"no scheduler answered at {cfg.address} within {cfg.timeout_s:g} s; is `zfabric up` or "
+                f"`zfabric scheduler` running there (and port {address.port} reachable)?") from None
+        return self
+
+    def _bind_sink(self, address: FabricAddress) -> str:
+        cfg = self.config
+        if cfg.sink_bind:
+            if cfg.sink_bind.endswith(":0") or cfg.sink_bind.endswith(":*"):
+                bound = self._bind_random(cfg.sink_bind.rsplit(":", 1)[0])
+            else:
+                self._sink.bind(cfg.sink_bind)
+                bound = self._sink.getsockopt_string(zmq.LAST_ENDPOINT)
+        elif address.host is None:
+            path = os.path.join(tempfile.gettempdir(), f"zfabric-sink-{os.getpid()}-{os.urandom(4).hex()}")
+            self._sink.bind(f"ipc://{path}")
+            bound = f"ipc://{path}"
+        else:
+            ip = local_ip_towards(address.host)
+            if ":" in ip:
+                self._sink.setsockopt(zmq.IPV6, 1)
+                ip = f"[{ip}]"
+            bound = self._bind_random(f"tcp://{ip}")
+        return cfg.sink_advertise or bound
+
+    def _bind_random(self, prefix: str) -> str:
+        port = self._sink.bind_to_random_port(prefix, min_port=20000, max_port=60000)
+        return f"{prefix}:{port}"
+
+    async def stop(self) -> None:
+        """Leave: the scheduler forgets our unfinished tasks, which fail here with FabricError."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            self._intake.send(encode(Kind.CLIENT_BYE, self._client_id, self.sink_address), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_all(FabricUnreachable("the client was closed before the task finished"))
+        transport.close_all([self._intake, self._sink])
+        if self.sink_address.startswith("ipc://"):
+            try:
+                os.unlink(self.sink_address[len("ipc://"):])
+            except OSError:
+                pass
+
+    async def __aenter__(self) -> "Client":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def sync(self) -> "SyncClient":
+        """A blocking facade on this configuration, running its own event loop in a thread."""
+        from .syncclient import SyncClient
+        return SyncClient(self.config)
+
+    def options(self, *, priority: int = 0, **options: Any) -> Submitter:
+        """Submission options for the tasks submitted through the returned object."""
+        return Submitter(self, priority, **options)
+
+    # ---- submitting -----------------------------------------------------------------------
+
+    def _name(self, fn: TaskRef) -> str:
+        try:
+            name = self._names.get(fn)
+        except TypeError:  # unhashable
+            name = None
+        if name is None:
+            name = function_name(fn)
+            try:
+                self._names[fn] = name
+            except TypeError:
+                pass
+        return name
+
+    def _submit(self, fn: TaskRef, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any],
+                priority: int) -> Handle:
+        if not self._started:
+            raise FabricUnreachable("the client is not started; use `async with zfabric.Client(...)`")
+        name = self._name(fn)
+        try:
+            payload = encode_call(name, args, kwargs, options)
+        except Exception:
+            raise SubmitError(f"cannot submit {name}: {describe_unencodable(args, kwargs)}") from None
+        self._seq += 1
+        handle = Handle(self._id_base + self._seq, self, payload, priority)
+        self._handles[handle.id] = handle
+        self._outbox.append(handle)
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+        return handle
+
+    async def _wait_for_room(self) -> None:
+        while len(self._outbox) >= self.config.max_backlog:
+            self._room.clear()
+            await self._room.wait()
+
+    def _cancel(self, handle: Handle) -> None:
+        self._handles.pop(handle.id, None)
+        if handle.state == SENT:
+            self._in_scheduler -= 1
+            self._cancels.append(handle.id)
+            if not self._pump_scheduled:
+                self._pump_scheduled = True
+                self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Send waiting tasks while the window has room, many per frame."""
+        self._pump_scheduled = False
+        if self._cancels:
+            cancels, self._cancels = self._cancels, []
+            self._to_scheduler.send(encode(Kind.CANCEL, self._client_id, self.sink_address, cancels))
+        if not self._welcomed.is_set():
+            return
+        room = self.config.window - self._in_scheduler
+        outbox = self._outbox
+        while room > 0 and outbox:
+            flat: list[Any] = []
+            size = 0
+            while room > 0 and outbox and size < MAX_BATCH_BYTES:
+                handle = outbox.popleft()
+                if handle.state != WAITING:
+                    continue  # cancelled while waiting
+                handle.state = SENT
+                flat += (handle.id, handle.priority, handle.payload)
+                size += len(handle.payload)  # type: ignore[arg-type]
+                room -= 1
+            if flat:
+                self._in_scheduler += len(flat) // 3
+                self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
+        if len(outbox) < self.config.max_backlog:
+            self._room.set()
+
+    def _resubmit_all(self) -> None:
+        sent = [h for h in self._handles.values() if h.state == SENT]
+        if sent:
+            log.info("client: resubmitting %d unfinished tasks to scheduler epoch %x", len(sent), self.epoch or 0)
+        for i in range(0, len(sent), 10_000):
+            flat: list[Any] = []
+            for handle in sent[i:i + 10_000]:
+                flat += (handle.id, handle.priority, handle.payload)
+            self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
+
+    # ---- receiving ------------------------------------------------------------------------
+
+    def _on_sink(self, batch: list[list[bytes]]) -> None:
+        self._last_heard = time.monotonic()
+        handles = self._handles
+        for frames in batch:
+            if len(frames) != 1:
+                self.bad_input("multi-frame message", "", f"{len(frames)} frames")
+                continue
+            try:
+                kind, f = decode(frames[0], expect=_SINK_KINDS)
+            except ProtocolError as exc:
+                self.bad_input("bad sink message", "", str(exc))
+                continue
+            if kind == Kind.RESULT:
+                flat = f[0]
+                for i in range(0, len(flat) - 2, 3):
+                    handle = handles.pop(flat[i], None) if type(flat[i]) is int else None
+                    if handle is None:
+                        self.duplicates += 1
+                        continue
+                    if handle.state == SENT:
+                        self._in_scheduler -= 1
+                    status, data = flat[i + 1], flat[i + 2]
+                    if type(status) is not int or type(data) is not bytes:
+                        data, status = b"", -1
+                    handle._resolve(status, data)
+            elif kind == Kind.HEARTBEAT or kind == Kind.ACCEPTED:
+                if kind == Kind.ACCEPTED and self.config.results_to:
+                    self._fire_and_forget(f[1])
+                if f[0] == self.epoch:
+                    self._welcomed.set()
+                elif self.epoch is not None:
+                    self._hello()  # a new scheduler: it will WELCOME us
+            elif kind == Kind.WELCOME:
+                self._on_welcome(f[0])
+            elif kind == Kind.REJECTED:
+                self._on_rejected(f[1])
+            elif kind == Kind.STATUS_REPLY:
+                waiters, self._status_waiters = self._status_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(f[0])
+        if not self._pump_scheduled and self._outbox:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _fire_and_forget(self, ids: list[Any]) -> None:
+        """With `results_to` set, results go to another sink: a task is done here once accepted."""
+        for task_id in ids:
+            handle = self._handles.pop(task_id, None) if type(task_id) is int else None
+            if handle is not None:
+                self._in_scheduler -= 1
+                handle._finish(None, None)
+
+    def _on_welcome(self, epoch: int) -> None:
+        if self.epoch is not None and epoch != self.epoch:
+            log.warning("client: scheduler restarted (epoch %x -> %x)", self.epoch, epoch)
+        self.epoch = epoch
+        self._resubmit_all()
+        self._welcomed.set()
+
+    def _on_rejected(self, flat: list[Any]) -> None:
+        for i in range(0, len(flat) - 1, 2):
+            handle = self._handles.pop(flat[i], None) if type(flat[i]) is int else None
+            if handle is not None:
+                if handle.state == SENT:
+                    self._in_scheduler -= 1
+                handle._finish(None, TaskRejected("Rejected", str(flat[i + 1]), "", handle.id))
+
+    def _hello(self) -> None:
+        try:
+            self._intake.send(encode(Kind.CLIENT_HELLO, self._client_id, self.sink_address), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected yet; the ticker says hello again
+
+    def _fail_all(self, error: Exception) -> None:
+        handles, self._handles = self._handles, {}
+        self._outbox.clear()
+        self._in_scheduler = 0
+        for handle in handles.values():
+            if handle.state != DONE:
+                handle._finish(None, error)
+
+    async def _ticker(self) -> None:
+        timing = self.config.timing
+        while not self._stop.is_set():
+            await asyncio.sleep(timing.heartbeat_s if self._welcomed.is_set() else 0.02)
+            self._hello()
+            if self._to_scheduler.backlog:
+                self._to_scheduler.flush()
+            silent = time.monotonic() - self._last_heard
+            if silent > timing.scheduler_timeout_s and self._welcomed.is_set():
+                log.warning("client: scheduler silent for %.1f s; waiting for it", silent)
+                self._welcomed.clear()
+            if silent > self.config.timeout_s and self._handles:
+                log.error("client: scheduler at %s silent for %.0f s; failing %d tasks", self.config.address,
+                          silent, len(self._handles))
+                self._fail_all(FabricUnreachable(
+                    f"the scheduler at {self.config.address} did not answer for {silent:.0f} s "
+                    f"(timeout_s={self.config.timeout_s:g})"))
+
+    # ---- status ---------------------------------------------------------------------------
+
+    async def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The scheduler's counters: workers, queued, running, done, failed, ..."""
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._status_waiters.append(fut)
+        self._to_scheduler.send(encode(Kind.STATUS_REQUEST, self.sink_address))
+        return await asyncio.wait_for(fut, timeout_s)
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not finished."""
+        return len(self._handles)

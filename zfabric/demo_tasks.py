@@ -1,0 +1,88 @@
+"""Functions for the demo, the benchmark and the tests (an `--app` module like any user's)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from typing import Any
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+def size(data: bytes) -> int:
+    return len(data)
+
+
+def fail(message: str = "x") -> None:
+    raise ValueError(message)
+
+
+def slow(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+async def asleep(seconds: float, value: Any = None) -> Any:
+    await asyncio.sleep(seconds)
+    return value
+
+
+async def aecho(value: Any) -> Any:
+    return value
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+async def apid(seconds: float = 0.0) -> int:
+    await asyncio.sleep(seconds)
+    return os.getpid()
+
+
+def where(seconds: float = 0.0) -> list[Any]:
+    """(hostname, pid) of the worker that ran it."""
+    time.sleep(seconds)
+    return [os.uname().nodename, os.getpid()]
+
+
+def digest(seed: int, rounds: int = 2000) -> str:
+    """A small CPU-bound job: an iterated SHA-256 chain."""
+    h = seed.to_bytes(8, "little")
+    for _ in range(rounds):
+        h = hashlib.sha256(h).digest()
+    return h.hex()
+
+
+def count_primes(lo: int, hi: int) -> int:
+    """Primes in [lo, hi) by trial division: CPU work that releases no GIL."""
+    count = 0
+    for n in range(max(lo, 2), hi):
+        if n % 2 == 0:
+            count += n == 2
+            continue
+        f = 3
+        while f * f <= n:
+            if n % f == 0:
+                break
+            f += 2
+        else:
+            count += 1
+    return count
+
+
+def crash(code: int = 1) -> None:
+    """Kills the worker process that runs it (a poison task)."""
+    os._exit(code)

@@ -1,0 +1,71 @@
+"""What a task's outcome becomes on the wire (layer 3: imports protocol, errors).
+
+The rule it keeps: pure functions, no sockets and no event loop. They turn a
+return value or an exception into a RESULT entry, and decide, from the
+task's options, whether a failure is retried and after what back-off.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from typing import Any
+
+from .protocol import Status, encode_error, encode_value
+
+MAX_TRACEBACK_CHARS = 8000
+
+OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "timeout_s": (int, float),
+    "retries": int,
+    "retry_on": list,
+    "backoff_s": (int, float),
+}
+
+
+def result_entry(value: Any) -> tuple[int, bytes]:
+    """(status, payload) for a returned value; an unsendable value becomes an error."""
+    try:
+        return Status.OK, encode_value(value)
+    except Exception as exc:
+        return Status.ERROR, encode_error(
+            "TypeError", f"the task returned a {type(value).__name__}, which cannot be sent back: {exc}")
+
+
+def error_entry(exc: BaseException, status: int = Status.ERROR) -> tuple[int, bytes]:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+    return status, encode_error(type(exc).__name__, str(exc), text)
+
+
+def retry_delay(exc: BaseException, options: dict[str, Any], tries: int) -> float | None:
+    """Seconds to wait before the next try, or None when the failure is final.
+
+    Options: ``retries`` (how many more tries), ``retry_on`` (exception class
+    names, matched along the class's MRO; default: any Exception),
+    ``backoff_s`` (first delay; doubles each try, with ±50 % jitter).
+    """
+    retries = options.get("retries", 0)
+    if type(retries) is not int or tries >= retries or not isinstance(exc, Exception):
+        return None
+    retry_on = options.get("retry_on")
+    if retry_on:
+        names = {cls.__name__ for cls in type(exc).__mro__} | {
+            f"{cls.__module__}.{cls.__name__}" for cls in type(exc).__mro__}
+        if not names.intersection(x for x in retry_on if type(x) is str):
+            return None
+    base = options.get("backoff_s", 0.1)
+    base = float(base) if isinstance(base, (int, float)) else 0.1
+    return min(300.0, base * (2 ** tries) * random.uniform(0.5, 1.5))
+
+
+def check_options(options: dict[str, Any]) -> str | None:
+    """None if the submission options are valid, else what is wrong."""
+    for key, value in options.items():
+        expected = OPTION_TYPES.get(key)
+        if expected is None:
+            return f"unknown option {key!r} (known: {', '.join(OPTION_TYPES)})"
+        if not isinstance(value, expected) or isinstance(value, bool):
+            return f"option {key!r} must be {expected}, got {type(value).__name__}"
+    return None

@@ -1,0 +1,248 @@
+"""The scheduler process: an asyncio driver around `SchedulerState` (layer 4).
+
+The rule it keeps: no scheduling decisions here. It drains the intake PULL
+and the worker ROUTER, feeds each decoded message to the state machine,
+and sends what the state machine put in its outbox: to workers over the
+ROUTER (ROUTER_MANDATORY; EAGAIN holds, EHOSTUNREACH means the worker is
+gone), to clients over one PUSH per client sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from . import transport
+from .config import FabricAddress, SchedulerConfig
+from .errors import ProtocolError
+from .protocol import Kind, decode, encode
+from .scheduling import SchedulerState
+
+log = logging.getLogger(__name__)
+
+_INTAKE_KINDS = (Kind.CLIENT_HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.CLIENT_BYE, Kind.STATUS_REQUEST)
+_WORKER_KINDS = (Kind.WORKER_HELLO, Kind.DONE, Kind.WORKER_HEARTBEAT, Kind.DRAIN, Kind.WORKER_BYE)
+TICK_S = 0.1
+
+
+class Scheduler:
+    """A scheduler: `async with Scheduler(SchedulerConfig(bind=...)) as s: await s.wait_closed()`."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self.state: SchedulerState | None = None
+        self.address = ""
+        self.bad_input = transport.BadInput("scheduler")
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sinks: dict[str, transport.Sender] = {}
+        self._worker_backlog: dict[bytes, deque[bytes]] = {}
+        self._started = time.monotonic()
+        self.dropped_to_clients = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> "Scheduler":
+        cfg = self.config
+        address = FabricAddress.parse(cfg.bind)
+        transport.seed_libc_rand()
+        hb_ms = int(cfg.timing.heartbeat_s * 1000)
+        self._intake = transport.make_socket(zmq.PULL, connect=False, rcvhwm=10_000, heartbeat_ms=hb_ms)
+        self._router = transport.make_socket(zmq.ROUTER, connect=False, sndhwm=10_000, rcvhwm=100_000,
+                                             heartbeat_ms=hb_ms)
+        if address.host is None:
+            self._intake.bind(address.intake)
+            self._router.bind(address.workers)
+            self.address = address.intake
+        else:
+            host = f"[{address.host}]" if ":" in address.host else address.host
+            if ":" in address.host:
+                self._intake.setsockopt(zmq.IPV6, 1)
+                self._router.setsockopt(zmq.IPV6, 1)
+            port = transport.bind_pair(self._intake, self._router, host, address.port or 0)
+            self.address = f"tcp://{host}:{port}"
+        epoch = int.from_bytes(os.urandom(6), "big")
+        self.state = SchedulerState(cfg, epoch)
+        readers = [transport.Reader(self._intake, self._on_intake, "intake"),
+                   transport.Reader(self._router, self._on_router, "workers")]
+        self._readers = readers
+        self._tasks = [asyncio.create_task(r.run(self._stop)) for r in readers]
+        self._tasks.append(asyncio.create_task(self._ticker()))
+        log.info("scheduler epoch %x listening on %s (workers on port +1)", epoch, self.address)
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        transport.close_all([getattr(self, "_intake", None), getattr(self, "_router", None),
+                             *(s.sock for s in self._sinks.values())])
+        self._sinks.clear()
+
+    async def wait_closed(self) -> None:
+        await self._stop.wait()
+
+    async def __aenter__(self) -> "Scheduler":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- input ----------------------------------------------------------------------------
+
+    def _on_intake(self, batch: list[list[bytes]]) -> None:
+        state = self.state
+        assert state is not None
+        now = time.monotonic()
+        for frames in batch:
+            if len(frames) != 1:
+                self.bad_input("multi-frame intake message", "", f"{len(frames)} frames")
+                continue
+            try:
+                kind, f = decode(frames[0], expect=_INTAKE_KINDS)
+            except ProtocolError as exc:
+                self.bad_input("bad intake message", "", str(exc))
+                continue
+            if kind == Kind.SUBMIT:
+                if state.submit(f[0], f[1], f[2], f[3], now):
+                    self.bad_input("malformed task entry", f[0].hex(), "not [id, priority, payload]")
+            elif kind == Kind.CLIENT_HELLO:
+                state.client_hello(f[0], f[1], now)
+            elif kind == Kind.CANCEL:
+                state.cancel(f[0], f[2], now)
+            elif kind == Kind.CLIENT_BYE:
+                state.client_bye(f[0], now)
+            elif kind == Kind.STATUS_REQUEST:
+                self._reply_status(f[0])
+        state.dispatch()
+        self._flush_outbox()
+
+    def _on_router(self, batch: list[list[bytes]]) -> None:
+        state = self.state
+        assert state is not None
+        now = time.monotonic()
+        for frames in batch:
+            if len(frames) != 2:
+                self.bad_input("bad worker envelope", "", f"{len(frames)} frames")
+                continue
+            wid, body = frames
+            try:
+                kind, f = decode(body, expect=_WORKER_KINDS)
+            except ProtocolError as exc:
+                self.bad_input("bad worker message", wid.hex(), str(exc))
+                continue
+            if kind == Kind.DONE:
+                state.worker_done(wid, f[0], f[1], f[2], f[3], f[4], f[5], now)
+            elif kind == Kind.WORKER_HEARTBEAT:
+                state.worker_heartbeat(wid, f[0], f[1], now)
+            elif kind == Kind.WORKER_HELLO:
+                state.worker_hello(wid, f[0], f[1], f[2], f[3], f[4], f[5], now)
+            elif kind == Kind.DRAIN:
+                state.worker_drain(wid, f[0], f[1], now)
+            elif kind == Kind.WORKER_BYE:
+                state.worker_bye(wid, now)
+        self._flush_outbox()
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def _flush_outbox(self) -> None:
+        state = self.state
+        assert state is not None
+        while state.outbox:
+            outbox, state.outbox = state.outbox, []
+            for where, dest, frame in outbox:
+                if where == "worker":
+                    self._send_worker(dest, frame)
+                elif where == "client":
+                    self._send_client(dest, frame)
+                else:
+                    sender = self._sinks.pop(dest, None)
+                    if sender is not None:
+                        sender.sock.close()
+
+    def _send_worker(self, wid: bytes, frame: bytes) -> None:
+        backlog = self._worker_backlog.get(wid)
+        if backlog is not None:
+            backlog.append(frame)
+            return
+        try:
+            self._router.send_multipart([wid, frame], zmq.NOBLOCK)
+        except zmq.Again:
+            self._worker_backlog[wid] = deque([frame])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._unreachable(wid)
+
+    def _unreachable(self, wid: bytes) -> None:
+        self._worker_backlog.pop(wid, None)
+        if self.state is not None:
+            self.state.worker_lost(wid, "unreachable (EHOSTUNREACH)")
+
+    def _reply_status(self, reply_to: str) -> None:
+        sock = transport.make_socket(zmq.PUSH, connect=True, linger_ms=2000)
+        try:
+            sock.connect(reply_to)
+            sock.send(encode(Kind.STATUS_REPLY, self.status()), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.bad_input("status request", reply_to, str(exc))
+        finally:
+            sock.close()
+
+    def _retry_worker_backlogs(self) -> None:
+        for wid in list(self._worker_backlog):
+            backlog = self._worker_backlog[wid]
+            try:
+                while backlog:
+                    self._router.send_multipart([wid, backlog[0]], zmq.NOBLOCK)
+                    backlog.popleft()
+                del self._worker_backlog[wid]
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                self._unreachable(wid)
+
+    def _send_client(self, sink: str, frame: bytes) -> None:
+        sender = self._sinks.get(sink)
+        if sender is None:
+            try:
+                sock = transport.make_socket(zmq.PUSH, connect=True, sndhwm=10_000,
+                                             heartbeat_ms=int(self.config.timing.heartbeat_s * 1000))
+                sock.connect(sink)
+            except zmq.ZMQError as exc:
+                self.bad_input("bad sink address", sink, str(exc))
+                return
+            sender = self._sinks[sink] = transport.Sender(sock, limit=10_000)
+        if not sender.send(frame):
+            self.dropped_to_clients += 1
+
+    async def _ticker(self) -> None:
+        state = self.state
+        assert state is not None
+        while not self._stop.is_set():
+            state.tick(time.monotonic())
+            self._flush_outbox()
+            self._retry_worker_backlogs()
+            for sender in self._sinks.values():
+                if sender.backlog:
+                    sender.flush()
+            await asyncio.sleep(TICK_S)
+
+    def status(self) -> dict[str, Any]:
+        assert self.state is not None
+        status = self.state.status()
+        status["address"] = self.address
+        status["uptime_s"] = round(time.monotonic() - self._started, 3)
+        status["bad_input"] = dict(self.bad_input.counts)
+        status["dropped_to_clients"] = self.dropped_to_clients
+        return status

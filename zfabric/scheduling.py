@@ -1,0 +1,447 @@
+"""The scheduler's bookkeeping as a pure state machine (layer 3: imports protocol, config).
+
+The rule it keeps: no I/O and no clock. Every method takes the event and
+``now`` and appends what must be sent to `outbox`; the asyncio driver
+(`zfabric.scheduler`) only receives, calls these methods and sends.
+
+Bookkeeping: every task the scheduler holds is in `tasks` (by id) and is
+either QUEUED (in the priority queue), RUNNING (on exactly one worker),
+or DELAYED (waiting for a retry back-off). Workers grant credit: the scheduler
+never sends a worker more tasks than the free slots it announced.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SchedulerConfig
+from .protocol import MAX_BATCH_BYTES, Kind, Status, encode, encode_error
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DELAYED = 0, 1, 2
+
+Outgoing = tuple[str, Any, bytes]
+"""("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
+
+
+class Task:
+    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths")
+
+    def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes) -> None:
+        self.id = task_id
+        self.client = client
+        self.sink = sink
+        self.priority = priority
+        self.payload = payload
+        self.state = QUEUED
+        self.worker: WorkerRecord | None = None
+        self.tries = 0
+        self.deaths = 0
+
+
+@dataclass(eq=False)
+class WorkerRecord:
+    wid: bytes
+    name: str
+    session: int
+    free: int
+    pid: int
+    host: str
+    last_seen: float
+    tasks: set[Task] = field(default_factory=set)
+    dispatch_seq: int = 0
+    done_seq: int = 0
+    draining: bool = False
+    done: int = 0
+
+
+@dataclass(eq=False)
+class ClientRecord:
+    cid: bytes
+    sink: str
+    last_seen: float
+    tasks: set[Task] = field(default_factory=set)
+
+
+@dataclass
+class Counters:
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    rejected: int = 0
+    redelivered: int = 0
+    lost: int = 0
+    cancelled: int = 0
+    duplicates: int = 0
+    retried: int = 0
+
+
+class SchedulerState:
+    """Events and ``now`` in, frames to send out (in `outbox`)."""
+
+    def __init__(self, config: SchedulerConfig, epoch: int) -> None:
+        self.config = config
+        self.epoch = epoch
+        self.tasks: dict[int, Task] = {}
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.clients: dict[bytes, ClientRecord] = {}
+        self.counters = Counters()
+        self.outbox: list[Outgoing] = []
+        self._queues: dict[int, deque[Task]] = {}
+        self._levels: list[int] = []  # negated priorities, ascending = highest priority first
+        self._n_queued = 0
+        self._delayed: list[tuple[float, int, Task]] = []
+        self._last_heartbeat = float("-inf")
+
+    # ---- queue ----------------------------------------------------------------------------
+
+    @property
+    def n_queued(self) -> int:
+        return self._n_queued
+
+    def _enqueue(self, task: Task, front: bool = False) -> None:
+        task.state = QUEUED
+        task.worker = None
+        queue = self._queues.get(task.priority)
+        if queue is None:
+            queue = self._queues[task.priority] = deque()
+            bisect.insort(self._levels, -task.priority)
+        if front:
+            queue.appendleft(task)
+        else:
+            queue.append(task)
+        self._n_queued += 1
+
+    def _pop_queued(self, n: int) -> list[Task]:
+        out: list[Task] = []
+        while len(out) < n and self._levels:
+            queue = self._queues[-self._levels[0]]
+            while queue and len(out) < n:
+                task = queue.popleft()
+                if task.state == QUEUED and self.tasks.get(task.id) is task:
+                    out.append(task)
+            if not queue:
+                del self._queues[-self._levels[0]]
+                self._levels.pop(0)
+        self._n_queued -= len(out)
+        return out
+
+    def _forget(self, task: Task) -> None:
+        """Remove a task from every index (a queued one is skipped lazily by `_pop_queued`)."""
+        if self.tasks.get(task.id) is task:
+            del self.tasks[task.id]
+        if task.state == QUEUED:
+            self._n_queued -= 1
+        task.state = -1
+        task.client.tasks.discard(task)
+        if task.worker is not None:
+            task.worker.tasks.discard(task)
+            task.worker = None
+
+    # ---- clients --------------------------------------------------------------------------
+
+    def _client(self, cid: bytes, sink: str, now: float) -> ClientRecord:
+        client = self.clients.get(cid)
+        if client is None:
+            client = self.clients[cid] = ClientRecord(cid, sink, now)
+            log.info("client %s registered (sink %s)", cid.hex(), sink)
+            self.outbox.append(("client", sink, encode(Kind.WELCOME, self.epoch, self.config.timing.heartbeat_s)))
+        client.last_seen = now
+        return client
+
+    def client_hello(self, cid: bytes, sink: str, now: float) -> None:
+        self._client(cid, sink, now)
+
+    def submit(self, cid: bytes, sink: str, results_to: str, flat: list[Any], now: float) -> int:
+        """Take a batch; answer ACCEPTED/REJECTED. Returns the number of malformed entries.
+
+        `sink` is the client's own (control) sink; results go to `results_to`, usually the same.
+        """
+        client = self._client(cid, sink, now)
+        accepted: list[int] = []
+        rejected: list[Any] = []
+        malformed = 0
+        tasks = self.tasks
+        room = self.config.max_queued - len(tasks)
+        for i in range(0, len(flat) - 2, 3):
+            task_id, priority, payload = flat[i], flat[i + 1], flat[i + 2]
+            if type(task_id) is not int or type(priority) is not int or type(payload) is not bytes:
+                malformed += 1
+                if type(task_id) is int:
+                    rejected += (task_id, "malformed task entry (expected id, priority, payload)")
+                continue
+            held = tasks.get(task_id)
+            if held is not None:
+                if held.client is client:
+                    accepted.append(task_id)  # a resubmission of a task we hold: idempotent
+                    self.counters.duplicates += 1
+                else:
+                    rejected += (task_id, "task id already used by another client")
+                continue
+            if room <= 0:
+                rejected += (task_id, f"scheduler is full ({self.config.max_queued} tasks held); retry later")
+                continue
+            room -= 1
+            task = Task(task_id, client, results_to or sink, priority, payload)
+            tasks[task_id] = task
+            client.tasks.add(task)
+            self._enqueue(task)
+            accepted.append(task_id)
+        if len(flat) % 3:
+            malformed += 1
+        self.counters.submitted += len(accepted)
+        if accepted:
+            self.outbox.append(("client", client.sink, encode(Kind.ACCEPTED, self.epoch, accepted)))
+        if rejected:
+            self.counters.rejected += len(rejected) // 2
+            self.outbox.append(("client", client.sink, encode(Kind.REJECTED, self.epoch, rejected)))
+        return malformed
+
+    def cancel(self, cid: bytes, ids: list[Any], now: float) -> None:
+        client = self.clients.get(cid)
+        if client is not None:
+            client.last_seen = now
+        by_worker: dict[bytes, list[int]] = {}
+        for task_id in ids:
+            task = self.tasks.get(task_id) if type(task_id) is int else None
+            if task is None or (client is not None and task.client is not client):
+                continue
+            self.counters.cancelled += 1
+            if task.state == RUNNING and task.worker is not None:
+                by_worker.setdefault(task.worker.wid, []).append(task_id)
+            self._forget(task)
+        for wid, wids in by_worker.items():
+            self.outbox.append(("worker", wid, encode(Kind.CANCEL, b"", "", wids)))
+
+    def client_bye(self, cid: bytes, now: float) -> None:
+        client = self.clients.get(cid)
+        if client is not None:
+            self._drop_client(client, "said goodbye")
+
+    def _drop_client(self, client: ClientRecord, why: str) -> None:
+        log.info("client %s %s; dropping its %d tasks", client.cid.hex(), why, len(client.tasks))
+        self.cancel(client.cid, [t.id for t in client.tasks], client.last_seen)
+        del self.clients[client.cid]
+        self.outbox.append(("close", client.sink, b""))
+
+    # ---- workers --------------------------------------------------------------------------
+
+    def worker_hello(self, wid: bytes, name: str, session: int, free: int, running: list[Any], pid: int,
+                     host: str, now: float) -> None:
+        """(Re-)register a worker; tasks we thought it had but it does not run go back to the queue."""
+        old = self.workers.get(wid)
+        worker = WorkerRecord(wid, name, session, max(0, free), pid, host, now)
+        self.workers[wid] = worker
+        still_running = {t for t in running if type(t) is int}
+        if old is not None:
+            for task in list(old.tasks):
+                if task.id in still_running:
+                    worker.tasks.add(task)
+                    task.worker = worker
+                else:
+                    self._requeue(task, died=False)
+        log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
+        self.outbox.append(("worker", wid, encode(Kind.HEARTBEAT, self.epoch, session, 0)))
+        self.dispatch()
+
+    def _known_worker(self, wid: bytes, now: float) -> WorkerRecord | None:
+        worker = self.workers.get(wid)
+        if worker is None:
+            self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
+            return None
+        worker.last_seen = now
+        return worker
+
+    def worker_done(self, wid: bytes, session: int, seq: int, credit: int, finished: list[Any], n_failed: int,
+                    retries: list[Any], now: float) -> None:
+        worker = self._known_worker(wid, now)
+        if worker is None or session != worker.session:
+            # A stale session still reports finished tasks: their results reached the client.
+            self._finish(finished)
+            return
+        if seq != worker.done_seq + 1:
+            log.warning("worker %s: DONE %d after %d, messages were lost; asking it to re-register",
+                        wid.hex(), seq, worker.done_seq)
+            self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
+        worker.done_seq = seq
+        worker.free += max(0, credit)
+        worker.done += len(finished)
+        self.counters.failed += max(0, n_failed)
+        self._finish(finished)
+        for i in range(0, len(retries) - 1, 2):
+            task = self.tasks.get(retries[i]) if type(retries[i]) is int else None
+            delay = retries[i + 1]
+            if task is None or task.worker is not worker or not isinstance(delay, (int, float)):
+                continue
+            worker.tasks.discard(task)
+            task.worker = None
+            task.tries += 1
+            task.state = DELAYED
+            self.counters.retried += 1
+            heapq.heappush(self._delayed, (now + max(0.0, min(float(delay), 3600.0)), task.id, task))
+        self.dispatch()
+
+    def _finish(self, finished: list[Any]) -> None:
+        tasks = self.tasks
+        n = 0
+        for task_id in finished:
+            task = tasks.pop(task_id, None) if type(task_id) is int else None
+            if task is None:
+                continue
+            n += 1
+            task.state = -1
+            task.client.tasks.discard(task)
+            if task.worker is not None:
+                task.worker.tasks.discard(task)
+        self.counters.done += n
+
+    def worker_heartbeat(self, wid: bytes, session: int, done_seq: int, now: float) -> None:
+        worker = self._known_worker(wid, now)
+        if worker is not None and session == worker.session and done_seq != worker.done_seq:
+            log.warning("worker %s sent DONE %d but %d arrived last; asking it to re-register",
+                        wid.hex(), done_seq, worker.done_seq)
+            self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
+
+    def worker_drain(self, wid: bytes, session: int, handed_back: list[Any], now: float) -> None:
+        worker = self._known_worker(wid, now)
+        if worker is None:
+            return
+        worker.draining = True
+        worker.free = 0
+        back = {t for t in handed_back if type(t) is int}
+        for task in list(worker.tasks):
+            if task.id in back:
+                self._requeue(task, died=False)
+        log.info("worker %s draining; %d tasks handed back", wid.hex(), len(back))
+        self.dispatch()
+
+    def worker_bye(self, wid: bytes, now: float) -> None:
+        worker = self.workers.pop(wid, None)
+        if worker is not None:
+            log.info("worker %s left; %d tasks go back to the queue", wid.hex(), len(worker.tasks))
+            for task in list(worker.tasks):
+                self._requeue(task, died=False)
+            self.dispatch()
+
+    def worker_lost(self, wid: bytes, why: str) -> None:
+        """A worker died (silent too long, or unreachable): its tasks run elsewhere."""
+        worker = self.workers.pop(wid, None)
+        if worker is None:
+            return
+        log.warning("worker %s (%s, pid %d) lost: %s; redelivering %d tasks",
+                    wid.hex(), worker.name, worker.pid, why, len(worker.tasks))
+        for task in list(worker.tasks):
+            self._requeue(task, died=True)
+        self.dispatch()
+
+    def _requeue(self, task: Task, died: bool) -> None:
+        if task.worker is not None:
+            task.worker.tasks.discard(task)
+        if died:
+            task.deaths += 1
+            if task.deaths >= self.config.max_deaths:
+                self._fail_lost(task)
+                return
+        self.counters.redelivered += 1
+        self._enqueue(task, front=True)
+
+    def _fail_lost(self, task: Task) -> None:
+        self.counters.lost += 1
+        text = (f"the task was running on {task.deaths} workers that died "
+                f"(limit {self.config.max_deaths}); it is probably killing them")
+        self.outbox.append(("client", task.sink,
+                            encode(Kind.RESULT, [task.id, Status.LOST, encode_error("WorkerLost", text)])))
+        task.worker = None
+        self._forget(task)
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to workers with free slots, most free first, in one frame per worker."""
+        if not self._n_queued:
+            return
+        ready = [w for w in self.workers.values() if w.free > 0 and not w.draining]
+        if not ready:
+            return
+        ready.sort(key=lambda w: w.free, reverse=True)
+        free_total = sum(w.free for w in ready)
+        remaining = min(self._n_queued, free_total)
+        for worker in ready:
+            if remaining <= 0:
+                break
+            share = min(worker.free, remaining, -(-remaining * worker.free // free_total))
+            free_total -= worker.free
+            batch = self._pop_queued(share)
+            if not batch:
+                break
+            remaining -= len(batch)
+            self._send_batch(worker, batch)
+
+    def _send_batch(self, worker: WorkerRecord, batch: list[Task]) -> None:
+        worker.free -= len(batch)
+        by_sink: dict[str, list[Any]] = {}
+        size = 0
+        for task in batch:
+            task.state = RUNNING
+            task.worker = worker
+            worker.tasks.add(task)
+            entry = by_sink.get(task.sink)
+            if entry is None:
+                entry = by_sink[task.sink] = []
+            entry += (task.id, task.tries, task.payload)
+            size += len(task.payload)
+            if size > MAX_BATCH_BYTES:
+                self._emit_dispatch(worker, by_sink)
+                by_sink, size = {}, 0
+        if by_sink:
+            self._emit_dispatch(worker, by_sink)
+
+    def _emit_dispatch(self, worker: WorkerRecord, by_sink: dict[str, list[Any]]) -> None:
+        worker.dispatch_seq += 1
+        groups = [[sink, flat] for sink, flat in by_sink.items()]
+        self.outbox.append(("worker", worker.wid,
+                            encode(Kind.DISPATCH, self.epoch, worker.session, worker.dispatch_seq, groups)))
+
+    # ---- time -----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Heartbeats out, silent peers expired, due retries queued."""
+        timing = self.config.timing
+        if now - self._last_heartbeat >= timing.heartbeat_s:
+            self._last_heartbeat = now
+            for worker in self.workers.values():
+                self.outbox.append(("worker", worker.wid,
+                                    encode(Kind.HEARTBEAT, self.epoch, worker.session, worker.dispatch_seq)))
+            beat = encode(Kind.HEARTBEAT, self.epoch, 0, 0)
+            for client in self.clients.values():
+                self.outbox.append(("client", client.sink, beat))
+        for worker in [w for w in self.workers.values() if now - w.last_seen > timing.worker_timeout_s]:
+            self.worker_lost(worker.wid, f"silent for {now - worker.last_seen:.1f} s")
+        for client in [c for c in self.clients.values() if now - c.last_seen > timing.client_timeout_s]:
+            self._drop_client(client, f"silent for {now - client.last_seen:.1f} s")
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, task = heapq.heappop(self._delayed)
+            if task.state == DELAYED and self.tasks.get(task.id) is task:
+                self._enqueue(task, front=True)
+        self.dispatch()
+
+    def status(self) -> dict[str, Any]:
+        running = sum(len(w.tasks) for w in self.workers.values())
+        return {
+            "epoch": self.epoch,
+            "workers": [
+                {"id": w.wid.hex(), "name": w.name, "pid": w.pid, "host": w.host, "free": w.free,
+                 "running": len(w.tasks), "done": w.done, "draining": w.draining}
+                for w in self.workers.values()],
+            "clients": len(self.clients),
+            "queued": self._n_queued,
+            "delayed": len(self._delayed),
+            "running": running,
+            **vars(self.counters),
+        }

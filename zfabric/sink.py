@@ -1,0 +1,107 @@
+"""A standalone result sink for fire-and-forget pipelines (layer 4).
+
+The rule it keeps: it only listens. Workers push RESULT batches to it; it
+writes one JSON line per result and drops a second result for a task id it
+has already written (at-least-once execution, exactly one line per task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import IO, Any
+
+import zmq
+
+from . import transport
+from .errors import ProtocolError
+from .protocol import Kind, Status, decode, decode_error, decode_value
+
+log = logging.getLogger(__name__)
+
+
+def to_json(value: Any) -> Any:
+    """JSON form of a msgpack value: bytes become {"base64": ...}."""
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    return value
+
+
+class Sink:
+    """Binds a PULL socket at `bind` and writes results as JSON lines to `out`."""
+
+    def __init__(self, bind: str, out: IO[str], seen_limit: int = 10_000_000) -> None:
+        self.bind = bind
+        self.out = out
+        self.written = 0
+        self.duplicates = 0
+        self.bad_input = transport.BadInput("sink")
+        self._seen: set[int] = set()
+        self._seen_limit = seen_limit
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> "Sink":
+        self._sock = transport.make_socket(zmq.PULL, connect=False)
+        self._sock.bind(self.bind)
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._task = asyncio.create_task(transport.Reader(self._sock, self._on_batch, "sink").run(self._stop))
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close()
+        self.out.flush()
+
+    async def wait_closed(self) -> None:
+        await self._stop.wait()
+
+    async def __aenter__(self) -> "Sink":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _on_batch(self, batch: list[list[bytes]]) -> None:
+        for frames in batch:
+            try:
+                kind, fields = decode(frames[-1], expect=(Kind.RESULT, Kind.WELCOME, Kind.ACCEPTED, Kind.HEARTBEAT,
+                                                          Kind.REJECTED))
+            except ProtocolError as exc:
+                self.bad_input("bad message", "", str(exc))
+                continue
+            if kind == Kind.RESULT:
+                self._write(fields[0])
+        self.out.flush()
+
+    def _write(self, flat: list[Any]) -> None:
+        for i in range(0, len(flat) - 2, 3):
+            task_id, status, data = flat[i], flat[i + 1], flat[i + 2]
+            if type(task_id) is not int or type(status) is not int or type(data) is not bytes:
+                self.bad_input("malformed result", "", "not [id, status, value]")
+                continue
+            if task_id in self._seen:
+                self.duplicates += 1
+                continue
+            if len(self._seen) < self._seen_limit:
+                self._seen.add(task_id)
+            record: dict[str, Any] = {"id": task_id, "status": Status(status).name.lower()
+                                      if status in Status._value2member_map_ else status}
+            try:
+                if status == Status.OK:
+                    record["value"] = to_json(decode_value(data))
+                else:
+                    record["error"] = dict(zip(("type", "message", "traceback"), decode_error(data)))
+            except ProtocolError as exc:
+                record["error"] = {"type": "ProtocolError", "message": str(exc)}
+            self.out.write(json.dumps(record) + "\n")
+            self.written += 1

@@ -1,0 +1,197 @@
+"""pyzmq sockets: options, non-blocking drain and send with back-pressure (layer 3).
+
+The rule it keeps: every socket zfabric opens is made here, with every option
+set explicitly (LINGER, HWMs, MAXMSGSIZE, HANDSHAKE_IVL, ZMTP heartbeats,
+IMMEDIATE, reconnect back-off, ROUTER_MANDATORY). Sockets are plain
+(non-asyncio) pyzmq sockets owned by the event-loop thread: readers drain
+with NOBLOCK until EAGAIN and only then wait on the socket's FD, so the hot
+path never awaits per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections import Counter, deque
+from typing import Callable, Iterable
+
+import zmq
+
+from .protocol import MAX_FRAME_BYTES, MAX_FRAMES
+
+log = logging.getLogger(__name__)
+
+RECV_BATCH = 2000
+"""Messages taken from one socket before yielding to the loop."""
+
+
+def context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def new_routing_id() -> bytes:
+    """A random routing id; libzmq reserves ids starting with a zero byte for its own."""
+    return b"\x01" + os.urandom(15)
+
+
+def seed_libc_rand() -> None:
+    """Seed the C library's rand(), which libzmq uses, unseeded, for automatic routing ids (libzmq #4633)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.srand(int.from_bytes(os.urandom(4), "little"))
+    except OSError:  # not glibc-like; nothing to seed
+        log.debug("could not seed libc rand()")
+
+
+def make_socket(kind: int, *, connect: bool, linger_ms: int = 0, sndhwm: int = 100_000, rcvhwm: int = 100_000,
+                routing_id: bytes | None = None, heartbeat_ms: int = 1000) -> zmq.Socket:
+    sock = context().socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 3)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_ms * 3)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    if connect:
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    return sock
+
+
+def bind_pair(intake: zmq.Socket, router: zmq.Socket, host: str, port: int, attempts: int = 50) -> int:
+    """Bind `intake` on PORT and `router` on PORT+1; PORT 0 picks a free pair. Returns PORT."""
+    for _ in range(attempts if port == 0 else 1):
+        chosen = port or intake.bind_to_random_port(f"tcp://{host}", min_port=20000, max_port=60000)
+        if port:
+            intake.bind(f"tcp://{host}:{port}")
+        try:
+            router.bind(f"tcp://{host}:{chosen + 1}")
+            return chosen
+        except zmq.ZMQError:
+            intake.unbind(f"tcp://{host}:{chosen}")
+            if port:
+                raise
+    raise OSError(f"no free pair of ports PORT, PORT+1 found on {host}")
+
+
+class Reader:
+    """Drains one socket without awaiting per message and hands batches to `handle`."""
+
+    def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str) -> None:
+        self.sock = sock
+        self.handle = handle
+        self.name = name
+        self.oversize = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        fd = self.sock.FD
+        loop.add_reader(fd, readable.set)
+        try:
+            while not stop.is_set():
+                batch = self._drain()
+                if batch:
+                    self.handle(batch)
+                    await asyncio.sleep(0)  # let other sockets and tasks run between batches
+                    continue
+                readable.clear()
+                if self.sock.EVENTS & zmq.POLLIN:
+                    continue
+                await readable.wait()
+        finally:
+            loop.remove_reader(fd)
+
+    def _drain(self) -> list[list[bytes]]:
+        batch: list[list[bytes]] = []
+        recv = self.sock.recv_multipart
+        try:
+            while len(batch) < RECV_BATCH:
+                frames = recv(zmq.NOBLOCK)
+                if len(frames) > MAX_FRAMES:
+                    self.oversize += 1
+                    if self.oversize == 1:
+                        log.warning("%s: dropped a message of %d frames (limit %d)", self.name, len(frames), MAX_FRAMES)
+                    continue
+                batch.append(frames)
+        except zmq.Again:
+            pass
+        return batch
+
+
+class Sender:
+    """Sends without blocking; holds frames in order when the socket would block, up to `limit`."""
+
+    def __init__(self, sock: zmq.Socket, limit: int = 1_000_000) -> None:
+        self.sock = sock
+        self.backlog: deque[list[bytes] | bytes] = deque()
+        self.limit = limit
+        self.dropped = 0
+
+    def send(self, frames: list[bytes] | bytes) -> bool:
+        """Queue or send; returns False (and counts a drop) if the backlog is full."""
+        if self.backlog:
+            return self._hold(frames)
+        try:
+            self._send_one(frames)
+            return True
+        except zmq.Again:
+            return self._hold(frames)
+
+    def _hold(self, frames: list[bytes] | bytes) -> bool:
+        if len(self.backlog) >= self.limit:
+            self.dropped += 1
+            return False
+        self.backlog.append(frames)
+        return True
+
+    def _send_one(self, frames: list[bytes] | bytes) -> None:
+        if isinstance(frames, bytes):
+            self.sock.send(frames, zmq.NOBLOCK, copy=len(frames) < 65536)
+        else:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+
+    def flush(self) -> bool:
+        """Send what was held; True when nothing is left."""
+        backlog = self.backlog
+        try:
+            while backlog:
+                self._send_one(backlog[0])
+                backlog.popleft()
+        except zmq.Again:
+            return False
+        return True
+
+
+def close_all(sockets: Iterable[zmq.Socket | None]) -> None:
+    for sock in sockets:
+        if sock is not None and not sock.closed:
+            sock.close()
+
+
+class BadInput:
+    """Counts malformed network input per kind and logs the first of each (per peer) once."""
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+        self.counts: Counter[str] = Counter()
+        self._logged: set[tuple[str, str]] = set()
+
+    def __call__(self, what: str, peer: str, detail: str) -> None:
+        self.counts[what] += 1
+        if (what, peer) not in self._logged and len(self._logged) < 10_000:
+            self._logged.add((what, peer))
+            log.warning("%s: dropped %s from %s: %s (further ones are only counted)",
+                        self.component, what, peer or "an unknown peer", detail)
+
+

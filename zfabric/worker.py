@@ -1,0 +1,427 @@
+"""The worker process: runs tasks from the scheduler, results straight to sinks (layer 4).
+
+The rule it keeps: a slot is credit. The worker announces its free slots at
+HELLO; every task it finishes (or hands back for a retry) returns one slot in
+its next DONE. `async def` tasks run on this event loop; sync functions run
+in a pool of threads (or inline with ``threads=0``). Results are batched per
+sink and pushed before the DONE that reports them, so the scheduler never
+forgets a task whose result was not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from . import transport
+from .config import FabricAddress, WorkerConfig
+from .errors import ProtocolError
+from .execution import check_options, error_entry, result_entry, retry_delay
+from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode, encode_error
+from .registry import NotAllowed, Registry
+
+log = logging.getLogger(__name__)
+
+_SCHEDULER_KINDS = (Kind.DISPATCH, Kind.HEARTBEAT, Kind.REGISTER, Kind.CANCEL)
+TICK_S = 0.1
+
+
+class _SinkOut:
+    __slots__ = ("sender", "results", "size", "last_used")
+
+    def __init__(self, sender: transport.Sender, now: float) -> None:
+        self.sender = sender
+        self.results: list[Any] = []
+        self.size = 0
+        self.last_used = now
+
+
+class Worker:
+    """A worker: `async with Worker(WorkerConfig(address, app=("myapp",))) as w: await w.wait_closed()`."""
+
+    def __init__(self, config: WorkerConfig | None = None, registry: Registry | None = None) -> None:
+        self.config = config or WorkerConfig()
+        self.registry = registry or Registry(self.config.app)
+        self.name = self.config.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.registered = asyncio.Event()
+        self.bad_input = transport.BadInput("worker")
+        self.counts = {"done": 0, "failed": 0, "retried": 0, "results_dropped": 0}
+        self._stop = asyncio.Event()
+        self._draining = False
+        self._session = 0
+        self._epoch: int | None = None
+        self._dispatch_seq = 0
+        self._done_seq = 0
+        self._last_hello = float("-inf")
+        self._last_heard = time.monotonic()
+        self._last_beat = float("-inf")
+        self._running: dict[int, Any] = {}   # task id -> asyncio.Task or sync work item
+        self._finished: list[int] = []
+        self._credit = 0
+        self._n_failed = 0
+        self._retries: list[Any] = []
+        self._sinks: dict[str, _SinkOut] = {}
+        self._flush_scheduled = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._threads: list[threading.Thread] = []
+        self._sync_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sync_pending: dict[int, list[Any]] = {}
+        self._thread_done: deque[tuple[int, str, int, bytes, float | None]] = deque()
+        self._wake_pending = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> "Worker":
+        self._loop = asyncio.get_running_loop()
+        address = FabricAddress.parse(self.config.address)
+        self._hb_ms = int(self.config.timing.heartbeat_s * 1000)
+        self._connect(address.workers)
+        for i in range(self.config.threads):
+            thread = threading.Thread(target=self._thread_main, name=f"zfabric-sync-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._hello()
+        self._tasks = [asyncio.create_task(self._reader.run(self._stop)), asyncio.create_task(self._ticker())]
+        log.info("worker %s joining %s (concurrency %d, threads %d, apps %s)", self.name, address.workers,
+                 self.config.concurrency, self.config.threads, ", ".join(self.registry.modules) or "none")
+        return self
+
+    def _connect(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+        self._dealer = transport.make_socket(zmq.DEALER, connect=True, linger_ms=2000, sndhwm=100_000,
+                                             routing_id=transport.new_routing_id(), heartbeat_ms=self._hb_ms)
+        self._dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self._dealer.connect(endpoint)
+        self._to_scheduler = transport.Sender(self._dealer, limit=100_000)
+        self._reader = transport.Reader(self._dealer, self._on_scheduler, "scheduler")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._running.values()):
+            if isinstance(task, asyncio.Task):
+                task.cancel()
+        for _ in self._threads:
+            self._sync_queue.put(None)
+        transport.close_all([self._dealer, *(s.sender.sock for s in self._sinks.values())])
+        self._sinks.clear()
+
+    async def drain(self) -> None:
+        """Stop taking work, let running tasks finish within ``grace_s``, hand the rest back, leave."""
+        if self._draining:
+            return
+        self._draining = True
+        handed_back = [tid for tid in list(self._sync_pending) if self._sync_pending.pop(tid, None) is not None]
+        for tid in handed_back:
+            self._running.pop(tid, None)
+        self._to_scheduler.send(encode(Kind.DRAIN, self._session, handed_back))
+        log.info("worker %s draining: %d tasks handed back, %d running", self.name, len(handed_back),
+                 len(self._running))
+        deadline = time.monotonic() + self.config.grace_s
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._flush()
+        if self._running:
+            left = list(self._running)
+            log.warning("worker %s: %d tasks still running after %.1f s grace; handing them back",
+                        self.name, len(left), self.config.grace_s)
+            for task in list(self._running.values()):
+                if isinstance(task, asyncio.Task):
+                    task.cancel()
+            self._running.clear()
+            self._to_scheduler.send(encode(Kind.DRAIN, self._session, left))
+        self._to_scheduler.send(encode(Kind.WORKER_BYE, self._session))
+        self._to_scheduler.flush()
+        self._stop.set()
+
+    async def wait_closed(self) -> None:
+        await self._stop.wait()
+
+    async def __aenter__(self) -> "Worker":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- scheduler link -------------------------------------------------------------------
+
+    def _hello(self) -> None:
+        self._session += 1
+        self._dispatch_seq = 0
+        self._done_seq = 0
+        self._last_hello = time.monotonic()
+        self._finished, self._retries, self._credit, self._n_failed = [], [], 0, 0
+        free = 0 if self._draining else max(0, self.config.concurrency - len(self._running))
+        self._to_scheduler.backlog.clear()
+        self._to_scheduler.send(encode(Kind.WORKER_HELLO, self.name, self._session, free, list(self._running),
+                                       os.getpid(), socket.gethostname()))
+
+    def _on_scheduler(self, batch: list[list[bytes]]) -> None:
+        self._last_heard = time.monotonic()
+        for frames in batch:
+            if len(frames) != 1:
+                self.bad_input("multi-frame message", "scheduler", f"{len(frames)} frames")
+                continue
+            try:
+                kind, f = decode(frames[0], expect=_SCHEDULER_KINDS)
+            except ProtocolError as exc:
+                self.bad_input("bad scheduler message", "scheduler", str(exc))
+                continue
+            if kind == Kind.DISPATCH:
+                self._on_dispatch(*f)
+            elif kind == Kind.HEARTBEAT:
+                self._on_heartbeat(*f)
+            elif kind == Kind.REGISTER:
+                if time.monotonic() - self._last_hello > self.config.timing.heartbeat_s:
+                    log.info("worker %s: scheduler (epoch %x) asks us to register", self.name, f[0])
+                    self._hello()
+            elif kind == Kind.CANCEL:
+                self._cancel(f[2])
+
+    def _on_heartbeat(self, epoch: int, session: int, dispatch_seq: int) -> None:
+        if session != self._session:
+            return
+        if self._epoch != epoch:
+            if self._epoch is not None:
+                log.info("worker %s: new scheduler epoch %x", self.name, epoch)
+            self._epoch = epoch
+        if dispatch_seq != self._dispatch_seq:
+            log.warning("worker %s: scheduler sent DISPATCH %d, we saw %d; re-registering",
+                        self.name, dispatch_seq, self._dispatch_seq)
+            self._hello()
+            return
+        self.registered.set()
+
+    def _on_dispatch(self, epoch: int, session: int, seq: int, groups: list[Any]) -> None:
+        if session != self._session:
+            return  # sent before our latest HELLO; the scheduler requeued those tasks
+        if seq != self._dispatch_seq + 1:
+            log.warning("worker %s: DISPATCH %d after %d; re-registering", self.name, seq, self._dispatch_seq)
+            self._hello()
+            return
+        self._dispatch_seq = seq
+        self._epoch = epoch
+        self.registered.set()
+        for group in groups:
+            if type(group) is not list or len(group) != 2 or type(group[0]) is not str or type(group[1]) is not list:
+                self.bad_input("malformed dispatch group", "scheduler", "not [sink, tasks]")
+                continue
+            sink, flat = group
+            for i in range(0, len(flat) - 2, 3):
+                self._start_task(flat[i], sink, flat[i + 1], flat[i + 2])
+
+    # ---- running tasks --------------------------------------------------------------------
+
+    def _start_task(self, task_id: Any, sink: str, tries: Any, payload: Any) -> None:
+        if type(task_id) is not int or type(tries) is not int or type(payload) is not bytes:
+            self.bad_input("malformed task", "scheduler", "not [id, tries, payload]")
+            self._credit += 1
+            return
+        if task_id in self._running:
+            self._credit += 1  # already running here (a redelivery): one copy is enough
+            return
+        try:
+            name, args, kwargs, options = decode_call(payload)
+            problem = check_options(options)
+            if problem:
+                raise ProtocolError(problem)
+            fn = self.registry.resolve(name)
+        except NotAllowed as exc:
+            self._complete(task_id, sink, Status.REJECTED, encode_error("NotAllowed", str(exc)), failed=True)
+            return
+        except ProtocolError as exc:
+            self._complete(task_id, sink, Status.REJECTED, encode_error("BadTask", str(exc)), failed=True)
+            return
+        if self.registry.is_async(fn):
+            self._running[task_id] = self._loop.create_task(
+                self._run_async(task_id, sink, tries, fn, args, kwargs, options))
+        elif self.config.threads == 0:
+            self._running[task_id] = None
+            self._sync_outcome(task_id, sink, *self._call_sync(fn, args, kwargs, options, tries))
+        else:
+            item = [task_id, sink, tries, fn, args, kwargs, options]
+            self._running[task_id] = item
+            self._sync_pending[task_id] = item
+            self._sync_queue.put(item)
+
+    async def _run_async(self, task_id: int, sink: str, tries: int, fn: Callable[..., Any], args: list[Any],
+                         kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+        timeout = options.get("timeout_s")
+        try:
+            if timeout is None:
+                value = await fn(*args, **kwargs)
+            else:
+                value = await asyncio.wait_for(fn(*args, **kwargs), timeout)
+        except asyncio.CancelledError:
+            if self._stop.is_set() or task_id not in self._running:
+                return
+            self._complete(task_id, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
+            return
+        except asyncio.TimeoutError:
+            self._complete(task_id, sink, Status.TIMEOUT,
+                           encode_error("TaskTimeout", f"task exceeded its timeout of {timeout} s and was cancelled"),
+                           failed=True)
+            return
+        except BaseException as exc:
+            delay = retry_delay(exc, options, tries)
+            if delay is not None:
+                self._retry(task_id, delay)
+            else:
+                status, data = error_entry(exc)
+                self._complete(task_id, sink, status, data, failed=True)
+            return
+        self._complete(task_id, sink, *result_entry(value))
+
+    @staticmethod
+    def _call_sync(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], options: dict[str, Any],
+                   tries: int) -> tuple[int, bytes, float | None]:
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            delay = retry_delay(exc, options, tries)
+            if delay is not None:
+                return Status.ERROR, b"", delay
+            return (*error_entry(exc), None)
+        return (*result_entry(value), None)
+
+    def _thread_main(self) -> None:
+        get, pending, done = self._sync_queue.get, self._sync_pending, self._thread_done
+        while True:
+            item = get()
+            if item is None:
+                return
+            task_id, sink, tries, fn, args, kwargs, options = item
+            if pending.pop(task_id, None) is None:
+                continue  # handed back or cancelled before it started
+            status, data, delay = self._call_sync(fn, args, kwargs, options, tries)
+            done.append((task_id, sink, status, data, delay))
+            if not self._wake_pending:
+                self._wake_pending = True
+                try:
+                    self._loop.call_soon_threadsafe(self._collect_thread_results)
+                except RuntimeError:  # loop closed during shutdown
+                    return
+
+    def _collect_thread_results(self) -> None:
+        self._wake_pending = False
+        done = self._thread_done
+        while done:
+            task_id, sink, status, data, delay = done.popleft()
+            self._sync_outcome(task_id, sink, status, data, delay)
+
+    def _sync_outcome(self, task_id: int, sink: str, status: int, data: bytes, delay: float | None) -> None:
+        if delay is not None:
+            self._retry(task_id, delay)
+        else:
+            self._complete(task_id, sink, status, data, failed=status != Status.OK)
+
+    def _cancel(self, ids: list[Any]) -> None:
+        for task_id in ids:
+            running = self._running.get(task_id)
+            if isinstance(running, asyncio.Task):
+                running.cancel()
+            elif running is not None and self._sync_pending.pop(task_id, None) is not None:
+                self._complete(task_id, running[1], Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
+
+    # ---- outcomes -------------------------------------------------------------------------
+
+    def _complete(self, task_id: int, sink: str, status: int, data: bytes, failed: bool = False) -> None:
+        self._running.pop(task_id, None)
+        out = self._sinks.get(sink)
+        if out is None:
+            out = self._sink(sink)
+            if out is None:
+                self.counts["results_dropped"] += 1
+                return
+        out.results += (task_id, status, data)
+        out.size += len(data)
+        self._finished.append(task_id)
+        self._credit += 1
+        if failed:
+            self._n_failed += 1
+            self.counts["failed"] += 1
+        else:
+            self.counts["done"] += 1
+        if out.size > MAX_BATCH_BYTES:
+            self._send_results(out)
+        self._schedule_flush()
+
+    def _retry(self, task_id: int, delay: float) -> None:
+        self._running.pop(task_id, None)
+        self._retries += (task_id, delay)
+        self._credit += 1
+        self.counts["retried"] += 1
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _sink(self, address: str) -> _SinkOut | None:
+        try:
+            sock = transport.make_socket(zmq.PUSH, connect=True, linger_ms=2000, sndhwm=1000,
+                                         heartbeat_ms=self._hb_ms)
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            self.bad_input("bad sink address", address, str(exc))
+            return None
+        out = self._sinks[address] = _SinkOut(transport.Sender(sock, limit=self.config.result_buffer // 100 + 1),
+                                              time.monotonic())
+        return out
+
+    def _send_results(self, out: _SinkOut) -> None:
+        if out.results:
+            out.last_used = time.monotonic()
+            if not out.sender.send(encode(Kind.RESULT, out.results)):
+                self.counts["results_dropped"] += len(out.results) // 3
+            out.results, out.size = [], 0
+
+    def _flush(self) -> None:
+        """Results to their sinks first, then DONE to the scheduler."""
+        self._flush_scheduled = False
+        for out in self._sinks.values():
+            self._send_results(out)
+        if self._finished or self._retries or self._credit:
+            self._done_seq += 1
+            self._to_scheduler.send(encode(Kind.DONE, self._session, self._done_seq, self._credit,
+                                           self._finished, self._n_failed, self._retries))
+            self._finished, self._retries, self._credit, self._n_failed = [], [], 0, 0
+
+    async def _ticker(self) -> None:
+        timing = self.config.timing
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - self._last_beat >= timing.heartbeat_s:
+                self._last_beat = now
+                if self._to_scheduler.backlog:
+                    self._to_scheduler.flush()
+                else:
+                    try:  # a heartbeat that cannot go now is useless later: never queue it
+                        self._dealer.send(encode(Kind.WORKER_HEARTBEAT, self._session, self._done_seq), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+            if now - self._last_heard > timing.scheduler_timeout_s and now - self._last_hello > timing.scheduler_timeout_s:
+                log.warning("worker %s: scheduler silent for %.1f s; saying hello again", self.name,
+                            now - self._last_heard)
+                self.registered.clear()
+                self._hello()
+            for address, out in list(self._sinks.items()):
+                if out.sender.backlog:
+                    out.sender.flush()
+                    out.last_used = now
+                elif now - out.last_used > self.config.sink_idle_s:
+                    out.sender.sock.close()
+                    del self._sinks[address]
+            await asyncio.sleep(TICK_S)
