@@ -156,6 +156,8 @@ class Scheduler:
     def _flush_outbox(self) -> None:
         state = self.state
         assert state is not None
+        if state.outbox:
+            self._readers[1].wake()  # sends on the ROUTER can swallow its read edge
         while state.outbox:
             outbox, state.outbox = state.outbox, []
             for where, dest, frame in outbox:
@@ -236,6 +238,8 @@ class Scheduler:
             for sender in self._sinks.values():
                 if sender.backlog:
                     sender.flush()
+            for reader in self._readers:
+                reader.wake()
             await asyncio.sleep(TICK_S)
 
     def status(self) -> dict[str, Any]:

@@ -85,24 +85,37 @@ def bind_pair(intake: zmq.Socket, router: zmq.Socket, host: str, port: int, atte
 
 
 class Reader:
-    """Drains one socket without awaiting per message and hands batches to `handle`."""
+    """Drains one socket without awaiting per message and hands batches to `handle`.
+
+    The socket's FD is edge-triggered and any send on the same socket may
+    consume the edge that announced new input: whoever sends on it must call
+    `wake()` afterwards, so the reader checks again instead of sleeping forever.
+    """
 
     def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str) -> None:
         self.sock = sock
         self.handle = handle
         self.name = name
         self.oversize = 0
+        self._readable: asyncio.Event | None = None
+
+    def wake(self) -> None:
+        if self._readable is not None:
+            self._readable.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        readable = asyncio.Event()
+        readable = self._readable = asyncio.Event()
         fd = self.sock.FD
         loop.add_reader(fd, readable.set)
         try:
             while not stop.is_set():
                 batch = self._drain()
                 if batch:
-                    self.handle(batch)
+                    try:
+                        self.handle(batch)
+                    except Exception:  # a bug, not bad input: keep the process serving, say it loudly
+                        log.exception("%s: error while handling a batch of %d messages", self.name, len(batch))
                     await asyncio.sleep(0)  # let other sockets and tasks run between batches
                     continue
                 readable.clear()

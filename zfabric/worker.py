@@ -164,6 +164,8 @@ class Worker:
         self._finished, self._retries, self._credit, self._n_failed = [], [], 0, 0
         free = 0 if self._draining else max(0, self.config.concurrency - len(self._running))
         self._to_scheduler.backlog.clear()
+        if hasattr(self, "_reader"):
+            self._reader.wake()
         self._to_scheduler.send(encode(Kind.WORKER_HELLO, self.name, self._session, free, list(self._running),
                                        os.getpid(), socket.gethostname()))
 
@@ -394,6 +396,7 @@ class Worker:
         for out in self._sinks.values():
             self._send_results(out)
         if self._finished or self._retries or self._credit:
+            self._reader.wake()  # a send on the DEALER can swallow its read edge
             self._done_seq += 1
             self._to_scheduler.send(encode(Kind.DONE, self._session, self._done_seq, self._credit,
                                            self._finished, self._n_failed, self._retries))
@@ -417,6 +420,7 @@ class Worker:
                             now - self._last_heard)
                 self.registered.clear()
                 self._hello()
+            self._reader.wake()
             for address, out in list(self._sinks.items()):
                 if out.sender.backlog:
                     out.sender.flush()

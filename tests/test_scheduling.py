@@ -1,0 +1,211 @@
+"""The scheduler state machine without sockets: events and `now` in, frames out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zfabric.config import SchedulerConfig, Timing
+from zfabric.protocol import Kind, Status, decode, decode_error
+from zfabric.scheduling import SchedulerState
+
+pytestmark = pytest.mark.timeout(30)
+
+CID, SINK = b"c" * 8, "tcp://127.0.0.1:9000"
+
+
+def make(**cfg: Any) -> SchedulerState:
+    return SchedulerState(SchedulerConfig(timing=Timing(heartbeat_s=0.5, worker_timeout_s=2.5,
+                                                        client_timeout_s=10.0), **cfg), epoch=7)
+
+
+def sent(state: SchedulerState, where: str | None = None) -> list[tuple[str, Any, Kind, list[Any]]]:
+    out = [(w, dest, *decode(frame)) for w, dest, frame in state.outbox if w != "close"]
+    state.outbox.clear()
+    return [o for o in out if where is None or o[0] == where]
+
+
+def dispatched(state: SchedulerState) -> dict[bytes, list[int]]:
+    by_worker: dict[bytes, list[int]] = {}
+    for _, wid, kind, fields in sent(state, "worker"):
+        if kind == Kind.DISPATCH:
+            for _sink, flat in fields[3]:
+                by_worker.setdefault(wid, []).extend(flat[0::3])
+    return by_worker
+
+
+def submit(state: SchedulerState, ids: list[int], priority: int = 0, now: float = 0.0) -> None:
+    flat: list[Any] = []
+    for i in ids:
+        flat += [i, priority, b"p%d" % i]
+    state.submit(CID, SINK, "", flat, now)
+    state.dispatch()  # the driver dispatches once per received batch
+
+
+def test_first_contact_welcomes_and_accepts() -> None:
+    s = make()
+    submit(s, [1, 2])
+    out = sent(s, "client")
+    assert [o[2] for o in out] == [Kind.WELCOME, Kind.ACCEPTED]
+    assert out[1][3] == [7, [1, 2]]
+    assert s.n_queued == 2
+
+
+def test_dispatch_respects_credit_and_prefers_most_free() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 1, [], 1, "h", 0.0)
+    s.worker_hello(b"B", "b", 1, 3, [], 2, "h", 0.0)
+    sent(s)
+    submit(s, [1])
+    assert dispatched(s) == {b"B": [1]}
+    submit(s, list(range(2, 10)))
+    got = dispatched(s)
+    assert len(got[b"A"]) == 1 and len(got[b"B"]) == 2
+    assert s.n_queued == 5
+
+
+def test_priority_order() -> None:
+    s = make()
+    submit(s, [1, 2], priority=0)
+    submit(s, [3], priority=5)
+    submit(s, [4], priority=-1)
+    s.worker_hello(b"A", "a", 1, 4, [], 1, "h", 0.0)
+    assert dispatched(s)[b"A"] == [3, 1, 2, 4]
+
+
+def test_done_returns_credit_and_forgets_task() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 1, [], 1, "h", 0.0)
+    submit(s, [1, 2])
+    assert dispatched(s) == {b"A": [1]}
+    s.worker_done(b"A", 1, 1, 1, [1], 0, [], 0.1)
+    assert dispatched(s) == {b"A": [2]}
+    assert 1 not in s.tasks and s.counters.done == 1
+
+
+def test_resubmission_of_held_id_is_idempotent() -> None:
+    s = make()
+    submit(s, [1])
+    submit(s, [1])
+    assert s.n_queued == 1 and s.counters.duplicates == 1
+
+
+def test_id_of_another_client_is_rejected() -> None:
+    s = make()
+    submit(s, [1])
+    sent(s)
+    s.submit(b"d" * 8, "tcp://127.0.0.1:9001", "", [1, 0, b"x"], 0.0)
+    kinds = {o[2]: o[3] for o in sent(s, "client")}
+    assert kinds[Kind.REJECTED][1][0] == 1 and "another client" in kinds[Kind.REJECTED][1][1]
+
+
+def test_full_scheduler_rejects() -> None:
+    s = make(max_queued=2)
+    submit(s, [1, 2, 3])
+    kinds = {o[2]: o[3] for o in sent(s, "client")}
+    assert kinds[Kind.ACCEPTED][1] == [1, 2]
+    assert kinds[Kind.REJECTED][1][0] == 3 and "full" in kinds[Kind.REJECTED][1][1]
+
+
+def test_malformed_entries_are_counted_not_raised() -> None:
+    s = make()
+    assert s.submit(CID, SINK, "", [1, "x", b"p", "bad", 0, b"p", 2, 0, b"ok"], 0.0) == 2
+    assert set(s.tasks) == {2}
+
+
+def test_silent_worker_tasks_go_elsewhere_at_front() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 2, [], 1, "h", 0.0)
+    submit(s, [1, 2, 3])
+    assert dispatched(s) == {b"A": [1, 2]}
+    s.worker_hello(b"B", "b", 1, 5, [], 2, "h", 1.0)
+    assert dispatched(s) == {b"B": [3]}
+    s.worker_heartbeat(b"B", 1, 0, 3.0)
+    s.tick(3.0)  # A silent for 3 s > 2.5 s
+    assert b"A" not in s.workers
+    assert sorted(dispatched(s)[b"B"]) == [1, 2]
+    assert s.counters.redelivered == 2
+
+
+def test_poison_task_fails_after_max_deaths() -> None:
+    s = make(max_deaths=3)
+    submit(s, [1])
+    for i in range(3):
+        wid = b"W%d" % i
+        s.worker_hello(wid, "w", 1, 1, [], i, "h", float(i))
+        assert dispatched(s) == {wid: [1]}
+        s.worker_lost(wid, "killed")
+    results = [o for o in sent(s, "client") if o[2] == Kind.RESULT]
+    assert len(results) == 1
+    task_id, status, data = results[0][3][0]
+    assert (task_id, status) == (1, Status.LOST)
+    assert decode_error(data)[0] == "WorkerLost" and "3 workers" in decode_error(data)[1]
+    assert not s.tasks
+
+
+def test_rehello_keeps_running_tasks_and_requeues_the_rest() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 3, [], 1, "h", 0.0)
+    submit(s, [1, 2, 3])
+    dispatched(s)
+    s.worker_hello(b"A", "a", 2, 1, [2], 1, "h", 1.0)  # lost DISPATCH: it runs only 2
+    assert s.tasks[2].worker is s.workers[b"A"]  # still running there
+    assert dispatched(s) == {b"A": [1]}  # 1 and 3 went back to the queue; one free slot takes 1
+    assert s.tasks[3].state == 0 and s.n_queued == 1
+
+
+def test_done_sequence_gap_asks_for_registration() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 3, [], 1, "h", 0.0)
+    sent(s)
+    s.worker_done(b"A", 1, 2, 0, [], 0, [], 0.1)  # seq 1 never arrived
+    assert any(o[2] == Kind.REGISTER for o in sent(s, "worker"))
+
+
+def test_unknown_worker_is_asked_to_register() -> None:
+    s = make()
+    s.worker_heartbeat(b"X", 1, 0, 0.0)
+    assert [o[2] for o in sent(s)] == [Kind.REGISTER]
+
+
+def test_retry_is_delayed_then_requeued() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 1, [], 1, "h", 0.0)
+    submit(s, [1])
+    dispatched(s)
+    s.worker_done(b"A", 1, 1, 1, [], 0, [1, 0.5], 1.0)
+    assert s.tasks[1].tries == 1 and dispatched(s) == {}
+    s.tick(1.6)
+    assert dispatched(s) == {b"A": [1]}
+
+
+def test_cancel_queued_and_running() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 1, [], 1, "h", 0.0)
+    submit(s, [1, 2])
+    dispatched(s)
+    s.cancel(CID, [1, 2], 0.1)
+    cancels = [o for o in sent(s, "worker") if o[2] == Kind.CANCEL]
+    assert cancels and cancels[0][3][2] == [1]
+    assert not s.tasks and s.n_queued == 0
+
+
+def test_silent_client_is_forgotten_with_its_tasks() -> None:
+    s = make()
+    submit(s, [1, 2], now=0.0)
+    s.tick(11.0)
+    assert not s.clients and not s.tasks and s.n_queued == 0
+    assert any(w == "close" for w, _, _ in s.outbox)
+
+
+def test_drain_hands_back_tasks() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 2, [], 1, "h", 0.0)
+    s.worker_hello(b"B", "b", 1, 0, [], 2, "h", 0.0)
+    submit(s, [1, 2])
+    dispatched(s)
+    s.worker_drain(b"A", 1, [2], 0.5)
+    s.workers[b"B"].free = 1
+    s.dispatch()
+    assert dispatched(s) == {b"B": [2]}
