@@ -240,12 +240,10 @@ class SchedulerState:
         self.workers[wid] = worker
         still_running = {t for t in running if type(t) is int}
         if old is not None:
-            for task in list(old.tasks):
-                if task.id in still_running:
-                    worker.tasks.add(task)
-                    task.worker = worker
-                else:
-                    self._requeue(task, died=False)
+            for task in [t for t in old.tasks if t.id in still_running]:
+                worker.tasks.add(task)
+                task.worker = worker
+            self._requeue_all([t for t in old.tasks if t.id not in still_running], died=False)
         log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
         self.outbox.append(("worker", wid, encode(Kind.HEARTBEAT, self.epoch, session, 0)))
         self.dispatch()
@@ -315,9 +313,7 @@ class SchedulerState:
         worker.draining = True
         worker.free = 0
         back = {t for t in handed_back if type(t) is int}
-        for task in list(worker.tasks):
-            if task.id in back:
-                self._requeue(task, died=False)
+        self._requeue_all([t for t in worker.tasks if t.id in back], died=False)
         log.info("worker %s draining; %d tasks handed back", wid.hex(), len(back))
         self.dispatch()
 
@@ -325,8 +321,7 @@ class SchedulerState:
         worker = self.workers.pop(wid, None)
         if worker is not None:
             log.info("worker %s left; %d tasks go back to the queue", wid.hex(), len(worker.tasks))
-            for task in list(worker.tasks):
-                self._requeue(task, died=False)
+            self._requeue_all(worker.tasks, died=False)
             self.dispatch()
 
     def worker_lost(self, wid: bytes, why: str) -> None:
@@ -336,9 +331,13 @@ class SchedulerState:
             return
         log.warning("worker %s (%s, pid %d) lost: %s; redelivering %d tasks",
                     wid.hex(), worker.name, worker.pid, why, len(worker.tasks))
-        for task in list(worker.tasks):
-            self._requeue(task, died=True)
+        self._requeue_all(worker.tasks, died=True)
         self.dispatch()
+
+    def _requeue_all(self, tasks: "set[Task] | list[Task]", died: bool) -> None:
+        """Back to the front of the queue, oldest (lowest id) first."""
+        for task in sorted(tasks, key=lambda t: t.id, reverse=True):
+            self._requeue(task, died)
 
     def _requeue(self, task: Task, died: bool) -> None:
         if task.worker is not None:
