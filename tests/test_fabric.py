@@ -186,3 +186,20 @@ def test_bad_addresses_are_refused_clearly() -> None:
         zfabric.Client("localhost:7100")
     with pytest.raises(zfabric.ConfigError, match="port"):
         zfabric.Client("tcp://127.0.0.1:70000")
+
+
+async def test_sync_task_timeout_stops_the_work(fabric: Fabric, tmp_path) -> None:
+    marker = tmp_path / "finished"
+    async with zfabric.Client(fabric.address) as client:
+        t = time.monotonic()
+        with pytest.raises(zfabric.TaskTimeout, match="killed"):
+            await client.options(timeout_s=0.5).submit(demo_tasks.slow_then_touch, 3.0, str(marker))
+        assert time.monotonic() - t < 2.5
+        # a timed task that finishes in time returns normally, from a (replacement) child process
+        assert await client.options(timeout_s=5).submit(demo_tasks.slow, 0.01, "ok") == "ok"
+        worker_pids = {p.pid for p in fabric.workers()}
+        child_pid = await client.options(timeout_s=5).submit(demo_tasks.pid)
+        assert child_pid not in worker_pids
+        # the overrunning call really stopped: it never reaches the end of its sleep
+        await asyncio.sleep(3.0)  # sync-ok: the killed task would have finished by now
+        assert not marker.exists()

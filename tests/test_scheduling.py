@@ -209,3 +209,26 @@ def test_drain_hands_back_tasks() -> None:
     s.workers[b"B"].free = 1
     s.dispatch()
     assert dispatched(s) == {b"B": [2]}
+
+
+def test_suspects_run_alone_so_a_poison_task_cannot_take_others_with_it() -> None:
+    s = make(max_deaths=3)
+    submit(s, [1, 2, 3, 4])  # 1 is the poison; all four share the first two dying workers
+    for i in range(2):
+        wid = b"W%d" % i
+        s.worker_hello(wid, "w", 1, 10, [], i, "h", float(i))
+        assert sorted(dispatched(s)[wid]) == [1, 2, 3, 4]
+        s.worker_lost(wid, "killed")
+    assert s.status()["suspects"] == 4
+    s.worker_hello(b"X", "x", 1, 10, [], 9, "h", 3.0)
+    s.worker_hello(b"Y", "y", 1, 10, [], 9, "h", 3.0)
+    got = dispatched(s)
+    assert got == {b"X": [1], b"Y": [2]}  # one suspect per worker, lowest id first
+    s.worker_lost(b"X", "killed by 1")  # the poison's third death fails it alone
+    lost = [o for o in sent(s, "client") if o[2] == Kind.RESULT]
+    assert [entry[0] for entry in (o[3][0] for o in lost)] == [1]
+    s.worker_done(b"Y", 1, 1, 1, [2], 0, [], 4.0)
+    s.worker_hello(b"Z", "z", 1, 10, [], 9, "h", 4.0)
+    remaining = dispatched(s)
+    assert sorted(t for ids in remaining.values() for t in ids) == [3, 4]
+    assert s.counters.lost == 1

@@ -154,21 +154,23 @@ def scheduler(bind: str, max_deaths: int, **timing: Any) -> None:
               help="Tasks held at once (async tasks run concurrently on the loop).")
 @click.option("--threads", type=int, default=_WORKER.threads, show_default=True,
               help="Threads for sync functions (0 runs them on the event loop).")
+@click.option("--timeout-procs", type=int, default=WorkerConfig.timeout_procs, show_default=True,
+              help="Child processes for sync tasks with a timeout (killed when a task overruns).")
 @click.option("--name", default="", help="Worker name shown by status (default host-pid).")
 @click.option("--grace-s", type=float, default=WorkerConfig.grace_s, show_default=True,
               help="On SIGTERM, how long running tasks may finish before they are handed back.")
 @timing_options
 @log_level_option
-def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, name: str, grace_s: float,
-           **timing: Any) -> None:
+def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, timeout_procs: int, name: str,
+           grace_s: float, **timing: Any) -> None:
     """Run a worker that joins the scheduler at ADDRESS."""
     from .runtime import announce_ready, run_until_signalled
     from .worker import Worker
 
     if concurrency < 1 or threads < 0:
         raise click.BadParameter("--concurrency must be >= 1 and --threads >= 0")
-    w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads, name=name,
-                            grace_s=grace_s, timing=_timing(timing)))
+    w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads,
+                            timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing)))
 
     async def start() -> None:
         await w.start()

@@ -106,6 +106,8 @@ class WorkerConfig:
     """Tasks held at once (async tasks running on the loop plus sync tasks queued for threads)."""
     threads: int = field(default_factory=_cpu_threads)
     """Threads running sync functions."""
+    timeout_procs: int = 2
+    """Child processes for sync tasks with a `timeout_s` (killed and replaced when a task overruns)."""
     name: str = ""
     grace_s: float = 10.0
     """On SIGTERM, running tasks get this long to finish before they are handed back."""

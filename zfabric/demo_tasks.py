@@ -86,3 +86,10 @@ def count_primes(lo: int, hi: int) -> int:
 def crash(code: int = 1) -> None:
     """Kills the worker process that runs it (a poison task)."""
     os._exit(code)
+
+
+def slow_then_touch(seconds: float, path: str) -> None:
+    """Sleep, then create `path` (to show a timed-out task really stopped)."""
+    time.sleep(seconds)
+    with open(path, "w"):
+        pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from .protocol import Status, encode_error, encode_value
 
@@ -69,3 +69,16 @@ def check_options(options: dict[str, Any]) -> str | None:
         if not isinstance(value, expected) or isinstance(value, bool):
             return f"option {key!r} must be {expected}, got {type(value).__name__}"
     return None
+
+
+def call_sync(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], options: dict[str, Any],
+              tries: int) -> tuple[int, bytes, float | None]:
+    """Run a sync function: (status, payload, None), or (ERROR, b"", delay) when it should be retried."""
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        delay = retry_delay(exc, options, tries)
+        if delay is not None:
+            return Status.ERROR, b"", delay
+        return (*error_entry(exc), None)
+    return (*result_entry(value), None)

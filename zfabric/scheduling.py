@@ -24,7 +24,7 @@ from .protocol import MAX_BATCH_BYTES, Kind, Status, encode, encode_error
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DELAYED = 0, 1, 2
+QUEUED, RUNNING, DELAYED, SUSPECT = 0, 1, 2, 3
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
@@ -55,6 +55,7 @@ class WorkerRecord:
     host: str
     last_seen: float
     tasks: set[Task] = field(default_factory=set)
+    suspect: Task | None = None
     dispatch_seq: int = 0
     done_seq: int = 0
     draining: bool = False
@@ -97,13 +98,15 @@ class SchedulerState:
         self._levels: list[int] = []  # negated priorities, ascending = highest priority first
         self._n_queued = 0
         self._delayed: list[tuple[float, int, Task]] = []
+        self._suspects: deque[Task] = deque()  # were on 2+ dying workers: run one per worker at a time
+        self._n_suspects = 0
         self._last_heartbeat = float("-inf")
 
     # ---- queue ----------------------------------------------------------------------------
 
     @property
     def n_queued(self) -> int:
-        return self._n_queued
+        return self._n_queued + self._n_suspects
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         task.state = QUEUED
@@ -138,10 +141,19 @@ class SchedulerState:
             del self.tasks[task.id]
         if task.state == QUEUED:
             self._n_queued -= 1
+        elif task.state == SUSPECT:
+            self._n_suspects -= 1
         task.state = -1
         task.client.tasks.discard(task)
-        if task.worker is not None:
-            task.worker.tasks.discard(task)
+        self._detach(task)
+
+    @staticmethod
+    def _detach(task: Task) -> None:
+        worker = task.worker
+        if worker is not None:
+            worker.tasks.discard(task)
+            if worker.suspect is task:
+                worker.suspect = None
             task.worker = None
 
     # ---- clients --------------------------------------------------------------------------
@@ -277,8 +289,7 @@ class SchedulerState:
             delay = retries[i + 1]
             if task is None or task.worker is not worker or not isinstance(delay, (int, float)):
                 continue
-            worker.tasks.discard(task)
-            task.worker = None
+            self._detach(task)
             task.tries += 1
             task.state = DELAYED
             self.counters.retried += 1
@@ -295,8 +306,7 @@ class SchedulerState:
             n += 1
             task.state = -1
             task.client.tasks.discard(task)
-            if task.worker is not None:
-                task.worker.tasks.discard(task)
+            self._detach(task)
         self.counters.done += n
 
     def worker_heartbeat(self, wid: bytes, session: int, done_seq: int, now: float) -> None:
@@ -335,20 +345,26 @@ class SchedulerState:
         self.dispatch()
 
     def _requeue_all(self, tasks: "set[Task] | list[Task]", died: bool) -> None:
-        """Back to the front of the queue, oldest (lowest id) first."""
-        for task in sorted(tasks, key=lambda t: t.id, reverse=True):
-            self._requeue(task, died)
-
-    def _requeue(self, task: Task, died: bool) -> None:
-        if task.worker is not None:
-            task.worker.tasks.discard(task)
-        if died:
-            task.deaths += 1
-            if task.deaths >= self.config.max_deaths:
-                self._fail_lost(task)
-                return
-        self.counters.redelivered += 1
-        self._enqueue(task, front=True)
+        """Back to the queue, oldest (lowest id) first, ahead of tasks never tried."""
+        front: list[Task] = []
+        for task in sorted(tasks, key=lambda t: t.id):
+            self._detach(task)
+            if died:
+                task.deaths += 1
+                if task.deaths >= self.config.max_deaths:
+                    self._fail_lost(task)
+                    continue
+            self.counters.redelivered += 1
+            if task.deaths >= 2:
+                # Twice on a dying worker: maybe it is what kills them. Run it alone so it cannot
+                # take other tasks' attempts with it (one suspect per worker at a time).
+                task.state = SUSPECT
+                self._suspects.append(task)
+                self._n_suspects += 1
+            else:
+                front.append(task)
+        for task in reversed(front):
+            self._enqueue(task, front=True)
 
     def _fail_lost(self, task: Task) -> None:
         self.counters.lost += 1
@@ -356,13 +372,14 @@ class SchedulerState:
                 f"(limit {self.config.max_deaths}); it is probably killing them")
         self.outbox.append(("client", task.sink,
                             encode(Kind.RESULT, [task.id, Status.LOST, encode_error("WorkerLost", text)])))
-        task.worker = None
         self._forget(task)
 
     # ---- dispatch -------------------------------------------------------------------------
 
     def dispatch(self) -> None:
         """Hand queued tasks to workers with free slots, most free first, in one frame per worker."""
+        if self._suspects:
+            self._dispatch_suspects()
         if not self._n_queued:
             return
         ready = [w for w in self.workers.values() if w.free > 0 and not w.draining]
@@ -381,6 +398,20 @@ class SchedulerState:
                 break
             remaining -= len(batch)
             self._send_batch(worker, batch)
+
+    def _dispatch_suspects(self) -> None:
+        for worker in self.workers.values():
+            if not self._suspects:
+                return
+            if worker.suspect is None and worker.free > 0 and not worker.draining:
+                task = self._suspects.popleft()
+                while self.tasks.get(task.id) is not task or task.state != SUSPECT:
+                    if not self._suspects:
+                        return
+                    task = self._suspects.popleft()
+                self._n_suspects -= 1
+                self._send_batch(worker, [task])
+                worker.suspect = task
 
     def _send_batch(self, worker: WorkerRecord, batch: list[Task]) -> None:
         worker.free -= len(batch)
@@ -439,7 +470,8 @@ class SchedulerState:
                  "running": len(w.tasks), "done": w.done, "draining": w.draining}
                 for w in self.workers.values()],
             "clients": len(self.clients),
-            "queued": self._n_queued,
+            "queued": self.n_queued,
+            "suspects": self._n_suspects,
             "delayed": len(self._delayed),
             "running": running,
             **vars(self.counters),

@@ -25,8 +25,9 @@ import zmq
 from . import transport
 from .config import FabricAddress, WorkerConfig
 from .errors import ProtocolError
-from .execution import check_options, error_entry, result_entry, retry_delay
+from .execution import call_sync, check_options, error_entry, result_entry, retry_delay
 from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode, encode_error
+from .isolation import ChildPool
 from .registry import NotAllowed, Registry
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Worker:
         self._sync_pending: dict[int, list[Any]] = {}
         self._thread_done: deque[tuple[int, str, int, bytes, float | None]] = deque()
         self._wake_pending = False
+        self._isolated: ChildPool | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -114,6 +116,8 @@ class Worker:
                 task.cancel()
         for _ in self._threads:
             self._sync_queue.put(None)
+        if self._isolated is not None:
+            await self._isolated.close()
         transport.close_all([self._dealer, *(s.sender.sock for s in self._sinks.values())])
         self._sinks.clear()
 
@@ -248,9 +252,12 @@ class Worker:
         if self.registry.is_async(fn):
             self._running[task_id] = self._loop.create_task(
                 self._run_async(task_id, sink, tries, fn, args, kwargs, options))
+        elif options.get("timeout_s") is not None:
+            self._running[task_id] = self._loop.create_task(
+                self._run_isolated(task_id, sink, tries, name, args, kwargs, options))
         elif self.config.threads == 0:
             self._running[task_id] = None
-            self._sync_outcome(task_id, sink, *self._call_sync(fn, args, kwargs, options, tries))
+            self._sync_outcome(task_id, sink, *call_sync(fn, args, kwargs, options, tries))
         else:
             item = [task_id, sink, tries, fn, args, kwargs, options]
             self._running[task_id] = item
@@ -285,17 +292,18 @@ class Worker:
             return
         self._complete(task_id, sink, *result_entry(value))
 
-    @staticmethod
-    def _call_sync(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], options: dict[str, Any],
-                   tries: int) -> tuple[int, bytes, float | None]:
+    async def _run_isolated(self, task_id: int, sink: str, tries: int, name: str, args: list[Any],
+                            kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+        """A sync task with a timeout: in a child process that is killed if it overruns."""
+        if self._isolated is None:
+            self._isolated = ChildPool(tuple(self.registry.modules), self.config.timeout_procs)
         try:
-            value = fn(*args, **kwargs)
-        except BaseException as exc:
-            delay = retry_delay(exc, options, tries)
-            if delay is not None:
-                return Status.ERROR, b"", delay
-            return (*error_entry(exc), None)
-        return (*result_entry(value), None)
+            status, data, delay = await self._isolated.run(name, args, kwargs, options, tries, options["timeout_s"])
+        except asyncio.CancelledError:
+            if not self._stop.is_set() and task_id in self._running:
+                self._complete(task_id, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
+            return
+        self._sync_outcome(task_id, sink, status, data, delay)
 
     def _thread_main(self) -> None:
         get, pending, done = self._sync_queue.get, self._sync_pending, self._thread_done
@@ -306,7 +314,7 @@ class Worker:
             task_id, sink, tries, fn, args, kwargs, options = item
             if pending.pop(task_id, None) is None:
                 continue  # handed back or cancelled before it started
-            status, data, delay = self._call_sync(fn, args, kwargs, options, tries)
+            status, data, delay = call_sync(fn, args, kwargs, options, tries)
             done.append((task_id, sink, status, data, delay))
             if not self._wake_pending:
                 self._wake_pending = True

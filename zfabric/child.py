@@ -1,0 +1,40 @@
+"""Entry point of a child process that runs timed sync tasks for a worker (see `isolation`)."""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+
+import msgpack
+
+from .execution import call_sync, error_entry
+from .protocol import Status
+from .registry import NotAllowed, Registry
+from .runtime import die_with_parent
+
+_LEN = struct.Struct("!I")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m zfabric.child")
+    parser.add_argument("--app", action="append", default=[])
+    registry = Registry(parser.parse_args().app)
+    die_with_parent()
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = stdin.read(_LEN.size)
+        if len(header) < _LEN.size:
+            return
+        name, args, kwargs, options, tries = msgpack.unpackb(stdin.read(_LEN.unpack(header)[0]), raw=False)
+        try:
+            outcome = call_sync(registry.resolve(name), args, kwargs, options, tries)
+        except NotAllowed as exc:
+            outcome = (Status.REJECTED, error_entry(exc)[1], None)
+        reply = msgpack.packb(list(outcome), use_bin_type=True)
+        stdout.write(_LEN.pack(len(reply)) + reply)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
