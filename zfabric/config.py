@@ -113,8 +113,9 @@ class WorkerConfig:
     """On SIGTERM, running tasks get this long to finish before they are handed back."""
     sink_idle_s: float = 30.0
     """A result socket to a sink idle this long is closed."""
-    result_buffer: int = 100_000
-    """Results held for one sink that cannot take them; beyond it they are dropped and counted."""
+    result_batches: int = 100
+    """Result batches (each up to ~1 MB) held for a sink that does not read, on top of ZeroMQ's 100;
+    beyond that results are dropped and counted."""
     timing: Timing = field(default_factory=Timing)
     curve: "object | None" = None
 

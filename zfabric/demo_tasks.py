@@ -93,3 +93,24 @@ def slow_then_touch(seconds: float, path: str) -> None:
     time.sleep(seconds)
     with open(path, "w"):
         pass
+
+
+# ---- for the fault-tolerance tests (tests/test_faults.py) ----------------------------------------
+
+
+async def asleep_pid(seconds: float, value: Any = None) -> list[Any]:
+    """Sleep on the loop, then return [value, pid of the worker that ran it]."""
+    await asyncio.sleep(seconds)
+    return [value, os.getpid()]
+
+
+def slow_pid(seconds: float, value: Any = None) -> list[Any]:
+    """Sleep in a worker thread, then return [value, pid of the worker that ran it]."""
+    time.sleep(seconds)
+    return [value, os.getpid()]
+
+
+async def ablob(n: int, seconds: float = 0.0) -> bytes:
+    """Wait, then return n bytes (a large result)."""
+    await asyncio.sleep(seconds)
+    return b"\x5a" * n

@@ -82,3 +82,47 @@ def call_sync(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], o
             return Status.ERROR, b"", delay
         return (*error_entry(exc), None)
     return (*result_entry(value), None)
+
+
+class InlinePolicy:
+    """Which sync functions may run on the event loop itself instead of a thread.
+
+    A thread hop costs more than a tiny function (hundreds of µs on a busy
+    host), so a function that proved fast — every one of its first `samples`
+    runs under `fast_s` — runs inline, at most `budget_s` of inline work per
+    batch of input so heartbeats still flow. One inline run over `slow_s` sends
+    that function back to the threads for good.
+    """
+
+    def __init__(self, samples: int = 20, fast_s: float = 0.0005, slow_s: float = 0.005,
+                 budget_s: float = 0.02) -> None:
+        self.samples, self.fast_s, self.slow_s, self.budget_s = samples, fast_s, slow_s, budget_s
+        self._seen: dict[Any, int] = {}
+        self._fast: set[Any] = set()
+        self._never: set[Any] = set()
+        self._spent = 0.0
+
+    def new_batch(self) -> None:
+        self._spent = 0.0
+
+    def may_inline(self, fn: Any) -> bool:
+        return fn in self._fast and self._spent < self.budget_s
+
+    def observed(self, fn: Any, seconds: float, inline: bool) -> None:
+        if inline:
+            self._spent += seconds
+            if seconds > self.slow_s:
+                self._fast.discard(fn)
+                self._never.add(fn)
+            return
+        if fn in self._never or fn in self._fast:
+            return
+        if seconds > self.fast_s:
+            self._never.add(fn)
+            self._seen.pop(fn, None)
+            return
+        count = self._seen.get(fn, 0) + 1
+        self._seen[fn] = count
+        if count >= self.samples:
+            self._fast.add(fn)
+            del self._seen[fn]

@@ -160,6 +160,7 @@ class Scheduler:
             self._readers[1].wake()  # sends on the ROUTER can swallow its read edge
         while state.outbox:
             outbox, state.outbox = state.outbox, []
+            outbox.sort(key=lambda out: out[0] != "worker")  # dispatches first: they are on the latency path
             for where, dest, frame in outbox:
                 if where == "worker":
                     self._send_worker(dest, frame)

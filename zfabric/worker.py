@@ -25,7 +25,7 @@ import zmq
 from . import transport
 from .config import FabricAddress, WorkerConfig
 from .errors import ProtocolError
-from .execution import call_sync, check_options, error_entry, result_entry, retry_delay
+from .execution import InlinePolicy, call_sync, check_options, error_entry, result_entry, retry_delay
 from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode, encode_error
 from .isolation import ChildPool
 from .registry import NotAllowed, Registry
@@ -76,7 +76,8 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._sync_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sync_pending: dict[int, list[Any]] = {}
-        self._thread_done: deque[tuple[int, str, int, bytes, float | None]] = deque()
+        self._thread_done: deque[tuple[int, str, int, bytes, float | None, Any, float]] = deque()
+        self._inline = InlinePolicy()
         self._wake_pending = False
         self._isolated: ChildPool | None = None
 
@@ -175,6 +176,7 @@ class Worker:
 
     def _on_scheduler(self, batch: list[list[bytes]]) -> None:
         self._last_heard = time.monotonic()
+        self._inline.new_batch()
         for frames in batch:
             if len(frames) != 1:
                 self.bad_input("multi-frame message", "scheduler", f"{len(frames)} frames")
@@ -255,9 +257,12 @@ class Worker:
         elif options.get("timeout_s") is not None:
             self._running[task_id] = self._loop.create_task(
                 self._run_isolated(task_id, sink, tries, name, args, kwargs, options))
-        elif self.config.threads == 0:
+        elif self.config.threads == 0 or self._inline.may_inline(fn):
             self._running[task_id] = None
-            self._sync_outcome(task_id, sink, *call_sync(fn, args, kwargs, options, tries))
+            started = time.perf_counter()
+            outcome = call_sync(fn, args, kwargs, options, tries)
+            self._inline.observed(fn, time.perf_counter() - started, inline=True)
+            self._sync_outcome(task_id, sink, *outcome)
         else:
             item = [task_id, sink, tries, fn, args, kwargs, options]
             self._running[task_id] = item
@@ -314,8 +319,9 @@ class Worker:
             task_id, sink, tries, fn, args, kwargs, options = item
             if pending.pop(task_id, None) is None:
                 continue  # handed back or cancelled before it started
+            started = time.perf_counter()
             status, data, delay = call_sync(fn, args, kwargs, options, tries)
-            done.append((task_id, sink, status, data, delay))
+            done.append((task_id, sink, status, data, delay, fn, time.perf_counter() - started))
             if not self._wake_pending:
                 self._wake_pending = True
                 try:
@@ -326,8 +332,10 @@ class Worker:
     def _collect_thread_results(self) -> None:
         self._wake_pending = False
         done = self._thread_done
+        observed = self._inline.observed
         while done:
-            task_id, sink, status, data, delay = done.popleft()
+            task_id, sink, status, data, delay, fn, seconds = done.popleft()
+            observed(fn, seconds, inline=False)
             self._sync_outcome(task_id, sink, status, data, delay)
 
     def _sync_outcome(self, task_id: int, sink: str, status: int, data: bytes, delay: float | None) -> None:
@@ -381,13 +389,13 @@ class Worker:
 
     def _sink(self, address: str) -> _SinkOut | None:
         try:
-            sock = transport.make_socket(zmq.PUSH, connect=True, linger_ms=2000, sndhwm=1000,
+            sock = transport.make_socket(zmq.PUSH, connect=True, linger_ms=2000, sndhwm=100,
                                          heartbeat_ms=self._hb_ms)
             sock.connect(address)
         except zmq.ZMQError as exc:
             self.bad_input("bad sink address", address, str(exc))
             return None
-        out = self._sinks[address] = _SinkOut(transport.Sender(sock, limit=self.config.result_buffer // 100 + 1),
+        out = self._sinks[address] = _SinkOut(transport.Sender(sock, limit=self.config.result_batches),
                                               time.monotonic())
         return out
 
