@@ -6,7 +6,7 @@
 """
 
 from .client import Client, Submitter
-from .config import ClientConfig, SchedulerConfig, Timing, WorkerConfig
+from .config import ClientConfig, CurveConfig, SchedulerConfig, Timing, WorkerConfig
 from .errors import (ConfigError, FabricError, FabricUnreachable, ProtocolError, SubmitError, TaskCancelled,
                      TaskError, TaskRejected, TaskTimeout, WorkerLost)
 from .handle import Handle, as_completed
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client", "Submitter", "SyncClient", "Handle", "as_completed", "local", "Scheduler", "Worker", "Sink",
-    "ClientConfig", "SchedulerConfig", "WorkerConfig", "Timing",
+    "ClientConfig", "CurveConfig", "SchedulerConfig", "WorkerConfig", "Timing",
     "FabricError", "TaskError", "TaskTimeout", "TaskCancelled", "TaskRejected", "WorkerLost", "FabricUnreachable",
     "SubmitError", "ConfigError", "ProtocolError",
 ]

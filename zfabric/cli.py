@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .config import ClientConfig, FabricAddress, SchedulerConfig, Timing, WorkerConfig
+from .config import ClientConfig, CurveConfig, FabricAddress, SchedulerConfig, Timing, WorkerConfig
 from .errors import FabricError
 
 _TIMING = Timing()
@@ -46,6 +46,18 @@ def timing_options(fn: Any) -> Any:
         fn = click.option(f"--{name.replace('_', '-')}", name, type=float, default=getattr(_TIMING, name),
                           show_default=True, help=help_text)(fn)
     return fn
+
+
+def curve_option(fn: Any) -> Any:
+    fn = click.option("--curve-name", default="", help="Keypair to use from the CURVE directory "
+                      "(default: scheduler, worker or client by role).")(fn)
+    return click.option("--curve", "curve_dir", type=click.Path(file_okay=False), default=None,
+                        help="Turn on CURVE encryption and authentication with the keys in DIR "
+                        "(made by `zfabric keys DIR`).")(fn)
+
+
+def _curve(curve_dir: str | None, curve_name: str = "") -> CurveConfig | None:
+    return CurveConfig(curve_dir, curve_name) if curve_dir else None
 
 
 def _timing(kwargs: dict[str, Any]) -> Timing:
@@ -80,10 +92,12 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.option("--concurrency", type=int, default=_WORKER.concurrency, show_default=True, help="Tasks per worker.")
 @click.option("--threads", type=int, default=_WORKER.threads, show_default=True,
               help="Threads per worker for sync functions (0 runs them on the event loop).")
+@click.option("--curve", "curve_dir", type=click.Path(file_okay=False), default=None,
+              help="CURVE keys directory for the scheduler and workers (see `zfabric keys`).")
 @log_level_option
 @click.pass_context
 def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None, bind: str, concurrency: int,
-       threads: int) -> None:
+       threads: int, curve_dir: str | None) -> None:
     """Run a scheduler and N workers in the foreground until Ctrl-C / SIGTERM."""
     from .supervisor import Supervisor
 
@@ -96,10 +110,11 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
     worker_args = [a for m in app for a in ("--app", m)] + ["--concurrency", str(concurrency),
                                                           "--threads", str(threads)]
     level = ctx.obj["log_level"]
+    curve_args = ["--curve", curve_dir] if curve_dir else []
 
     async def run() -> None:
         import signal
-        supervisor = Supervisor(["--bind", address], worker_args, workers, level)
+        supervisor = Supervisor(["--bind", address, *curve_args], worker_args + curve_args, workers, level)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -129,13 +144,15 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
 @click.option("--max-deaths", type=int, default=SchedulerConfig.max_deaths, show_default=True,
               help="Worker deaths a task may cause before it fails as poison.")
 @timing_options
+@curve_option
 @log_level_option
-def scheduler(bind: str, max_deaths: int, **timing: Any) -> None:
+def scheduler(bind: str, max_deaths: int, curve_dir: str | None, curve_name: str, **timing: Any) -> None:
     """Run a scheduler alone."""
     from .runtime import announce_ready, run_until_signalled
     from .scheduler import Scheduler
 
-    sched = Scheduler(SchedulerConfig(bind=bind, max_deaths=max_deaths, timing=_timing(timing)))
+    sched = Scheduler(SchedulerConfig(bind=bind, max_deaths=max_deaths, timing=_timing(timing),
+                                      curve=_curve(curve_dir, curve_name)))
 
     async def start() -> None:
         await sched.start()
@@ -160,9 +177,10 @@ def scheduler(bind: str, max_deaths: int, **timing: Any) -> None:
 @click.option("--grace-s", type=float, default=WorkerConfig.grace_s, show_default=True,
               help="On SIGTERM, how long running tasks may finish before they are handed back.")
 @timing_options
+@curve_option
 @log_level_option
 def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, timeout_procs: int, name: str,
-           grace_s: float, **timing: Any) -> None:
+           grace_s: float, curve_dir: str | None, curve_name: str, **timing: Any) -> None:
     """Run a worker that joins the scheduler at ADDRESS."""
     from .runtime import announce_ready, run_until_signalled
     from .worker import Worker
@@ -170,7 +188,8 @@ def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, t
     if concurrency < 1 or threads < 0:
         raise click.BadParameter("--concurrency must be >= 1 and --threads >= 0")
     w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads,
-                            timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing)))
+                            timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing),
+                            curve=_curve(curve_dir, curve_name)))
 
     async def start() -> None:
         await w.start()
@@ -194,8 +213,10 @@ def _parse_arg(text: str) -> Any:
 @click.option("--kw", multiple=True, metavar="NAME=JSON", help="A keyword argument (repeatable).")
 @click.option("--timeout-s", type=float, default=ClientConfig.timeout_s, show_default=True,
               help="Give up if the fabric does not answer within this long.")
+@curve_option
 @log_level_option
-def submit(address: str, function: str, args: tuple[str, ...], kw: tuple[str, ...], timeout_s: float) -> None:
+def submit(address: str, function: str, args: tuple[str, ...], kw: tuple[str, ...], timeout_s: float,
+           curve_dir: str | None, curve_name: str) -> None:
     """Run FUNCTION (module:name) with JSON ARGS on the fabric at ADDRESS; print its result as JSON."""
     from .client import Client
     from .sink import to_json
@@ -208,7 +229,7 @@ def submit(address: str, function: str, args: tuple[str, ...], kw: tuple[str, ..
         kwargs[key] = _parse_arg(value)
 
     async def run() -> Any:
-        async with Client(address, timeout_s=timeout_s) as client:
+        async with Client(address, timeout_s=timeout_s, curve=_curve(curve_dir, curve_name)) as client:
             return await asyncio.wait_for(client.submit(function, *map(_parse_arg, args), **kwargs), timeout_s)
 
     try:
@@ -222,13 +243,14 @@ def submit(address: str, function: str, args: tuple[str, ...], kw: tuple[str, ..
 @click.argument("address")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @click.option("--timeout-s", type=float, default=10.0, show_default=True)
+@curve_option
 @log_level_option
-def status(address: str, as_json: bool, timeout_s: float) -> None:
+def status(address: str, as_json: bool, timeout_s: float, curve_dir: str | None, curve_name: str) -> None:
     """Show the workers, queued, running, done and failed tasks of the fabric at ADDRESS."""
     from .client import Client
 
     async def run() -> dict[str, Any]:
-        async with Client(address, timeout_s=timeout_s) as client:
+        async with Client(address, timeout_s=timeout_s, curve=_curve(curve_dir, curve_name)) as client:
             return await client.status(timeout_s)
 
     info = _run(run())
@@ -251,13 +273,14 @@ def status(address: str, as_json: bool, timeout_s: float) -> None:
 @main.command()
 @click.option("--bind", default="tcp://127.0.0.1:7200", show_default=True, help="Address the sink listens on.")
 @click.option("--out", type=click.File("w"), default="-", show_default=True, help="JSON lines file.")
+@curve_option
 @log_level_option
-def sink(bind: str, out: Any) -> None:
+def sink(bind: str, out: Any, curve_dir: str | None, curve_name: str) -> None:
     """A standalone result sink: writes each result once, as a JSON line (for Client(results_to=...))."""
     from .runtime import announce_ready, run_until_signalled
     from .sink import Sink
 
-    s = Sink(bind, out)
+    s = Sink(bind, out, curve=_curve(curve_dir, curve_name))
 
     async def start() -> None:
         await s.start()
@@ -279,3 +302,16 @@ def demo(workers: int, tasks: int) -> None:
     from .demo import run_demo
 
     _run(run_demo(workers, tasks))
+
+
+@main.command()
+@click.argument("keys_dir", type=click.Path(file_okay=False))
+@log_level_option
+def keys(keys_dir: str) -> None:
+    """Create CURVE keypairs (scheduler, worker, client) and allow-lists in KEYS_DIR."""
+    from .security import generate_keys
+
+    for path in generate_keys(keys_dir):
+        click.echo(path)
+    click.echo(f"Secret files are mode 0600. Start every component with --curve {keys_dir}; copy the directory "
+               "(without the secrets a host does not need) to the other hosts.", err=True)

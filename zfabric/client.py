@@ -27,6 +27,7 @@ from .execution import check_options
 from .handle import DONE, SENT, WAITING, Handle
 from .protocol import MAX_BATCH_BYTES, Kind, decode, encode, encode_call, describe_unencodable
 from .registry import function_name
+from .security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,13 @@ class Client(Submitter):
         self._intake = transport.make_socket(zmq.PUSH, connect=True, linger_ms=500, sndhwm=1000, heartbeat_ms=hb_ms)
         self._intake.setsockopt(zmq.IMMEDIATE, 1)
         self._sink = transport.make_socket(zmq.PULL, connect=False, rcvhwm=100_000, heartbeat_ms=hb_ms)
+        curve = Curve(cfg.curve, "client") if cfg.curve is not None else None
+        if curve is not None:
+            curve.connect_to(self._intake, curve.scheduler_key)
+            curve.serve(self._sink, "fabric")
         self.sink_address = self._bind_sink(address)
+        if curve is not None:
+            self.sink_address = curve.sink_address(self.sink_address)
         self._intake.connect(address.intake)
         self._to_scheduler = transport.Sender(self._intake, limit=1_000_000)
         self._reader = transport.Reader(self._sink, self._on_sink, "sink")

@@ -51,6 +51,15 @@ class FabricAddress:
         return int(self.intake.rsplit(":", 1)[1]) if self.host is not None else None
 
 
+@dataclass(frozen=True)
+class CurveConfig:
+    """Turn CURVE on: `keys_dir` as made by ``zfabric keys``; `name` picks this component's keypair
+    (default: scheduler, worker or client by role)."""
+
+    keys_dir: str
+    name: str = ""
+
+
 def local_ip_towards(host: str) -> str:
     """The local interface address that routes to `host` (no packet is sent: UDP connect only picks a route)."""
     try:
@@ -93,7 +102,7 @@ class SchedulerConfig:
     """A task that was on this many dying workers fails with `WorkerLost` (a poison task)."""
     max_queued: int = 2_000_000
     """Tasks held (queued + running) across all clients; beyond it submissions are rejected."""
-    curve: "object | None" = None
+    curve: CurveConfig | None = None
 
 
 @dataclass
@@ -117,7 +126,7 @@ class WorkerConfig:
     """Result batches (each up to ~1 MB) held for a sink that does not read, on top of ZeroMQ's 100;
     beyond that results are dropped and counted."""
     timing: Timing = field(default_factory=Timing)
-    curve: "object | None" = None
+    curve: CurveConfig | None = None
 
 
 @dataclass
@@ -139,4 +148,4 @@ class ClientConfig:
     """Send results to this standalone sink (`zfabric sink`) instead: fire and forget, a handle is done once
     the scheduler accepted its task."""
     timing: Timing = field(default_factory=Timing)
-    curve: "object | None" = None
+    curve: CurveConfig | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .client import Client
+from .config import CurveConfig
 from .supervisor import Supervisor
 
 
@@ -22,15 +23,17 @@ class local:  # noqa: N801 - used like a function: `async with zfabric.local(...
 
     def __init__(self, workers: int = 2, app: Iterable[str] | str = (), *, concurrency: int | None = None,
                  threads: int | None = None, port: int = 0, host: str = "127.0.0.1", log_level: str = "warning",
-                 **client_options: Any) -> None:
+                 curve: CurveConfig | None = None, **client_options: Any) -> None:
         apps = [app] if isinstance(app, str) else list(app)
         worker_args = [arg for name in apps for arg in ("--app", name)]
         if concurrency is not None:
             worker_args += ["--concurrency", str(concurrency)]
         if threads is not None:
             worker_args += ["--threads", str(threads)]
-        self.supervisor = Supervisor(["--bind", f"tcp://{host}:{port}"], worker_args, workers, log_level)
-        self._client_options = client_options
+        curve_args = ["--curve", curve.keys_dir] if curve is not None else []
+        self.supervisor = Supervisor(["--bind", f"tcp://{host}:{port}", *curve_args], worker_args + curve_args,
+                                     workers, log_level)
+        self._client_options = dict(client_options, curve=curve)
         self.client: Client | None = None
 
     @property

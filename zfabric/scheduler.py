@@ -23,6 +23,7 @@ from .config import FabricAddress, SchedulerConfig
 from .errors import ProtocolError
 from .protocol import Kind, decode, encode
 from .scheduling import SchedulerState
+from .security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class Scheduler:
         self._intake = transport.make_socket(zmq.PULL, connect=False, rcvhwm=10_000, heartbeat_ms=hb_ms)
         self._router = transport.make_socket(zmq.ROUTER, connect=False, sndhwm=10_000, rcvhwm=100_000,
                                              heartbeat_ms=hb_ms)
+        self._curve = Curve(cfg.curve, "scheduler") if cfg.curve is not None else None
+        if self._curve is not None:
+            self._curve.serve(self._intake, "clients")
+            self._curve.serve(self._router, "workers")
         if address.host is None:
             self._intake.bind(address.intake)
             self._router.bind(address.workers)
@@ -191,9 +196,12 @@ class Scheduler:
             self.state.worker_lost(wid, "unreachable (EHOSTUNREACH)")
 
     def _reply_status(self, reply_to: str) -> None:
-        sock = transport.make_socket(zmq.PUSH, connect=True, linger_ms=2000)
         try:
-            sock.connect(reply_to)
+            sock = transport.open_push(reply_to, self._curve, linger_ms=2000, sndhwm=10, heartbeat_ms=1000)
+        except zmq.ZMQError as exc:
+            self.bad_input("status request", reply_to, str(exc))
+            return
+        try:
             sock.send(encode(Kind.STATUS_REPLY, self.status()), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.bad_input("status request", reply_to, str(exc))
@@ -219,9 +227,8 @@ class Scheduler:
         sender = self._sinks.get(sink)
         if sender is None:
             try:
-                sock = transport.make_socket(zmq.PUSH, connect=True, sndhwm=10_000,
-                                             heartbeat_ms=int(self.config.timing.heartbeat_s * 1000))
-                sock.connect(sink)
+                sock = transport.open_push(sink, self._curve, linger_ms=0, sndhwm=10_000,
+                                           heartbeat_ms=int(self.config.timing.heartbeat_s * 1000))
             except zmq.ZMQError as exc:
                 self.bad_input("bad sink address", sink, str(exc))
                 return

@@ -18,6 +18,8 @@ import zmq
 from . import transport
 from .errors import ProtocolError
 from .protocol import Kind, Status, decode, decode_error, decode_value
+from .config import CurveConfig
+from .security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,10 @@ def to_json(value: Any) -> Any:
 class Sink:
     """Binds a PULL socket at `bind` and writes results as JSON lines to `out`."""
 
-    def __init__(self, bind: str, out: IO[str], seen_limit: int = 10_000_000) -> None:
+    def __init__(self, bind: str, out: IO[str], seen_limit: int = 10_000_000,
+                 curve: CurveConfig | None = None) -> None:
         self.bind = bind
+        self.curve = curve
         self.out = out
         self.written = 0
         self.duplicates = 0
@@ -49,8 +53,13 @@ class Sink:
 
     async def start(self) -> "Sink":
         self._sock = transport.make_socket(zmq.PULL, connect=False)
+        curve = Curve(self.curve, "client") if self.curve is not None else None
+        if curve is not None:
+            curve.serve(self._sock, "fabric")
         self._sock.bind(self.bind)
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if curve is not None:
+            self.address = curve.sink_address(self.address)
         self._task = asyncio.create_task(transport.Reader(self._sock, self._on_batch, "sink").run(self._stop))
         return self
 

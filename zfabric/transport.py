@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import zmq
 
 from .protocol import MAX_FRAME_BYTES, MAX_FRAMES
+from .security import Curve, check_versions, split_sink
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,14 @@ RECV_BATCH = 2000
 """Messages taken from one socket before yielding to the loop."""
 
 
+_checked = False
+
+
 def context() -> zmq.Context:
+    global _checked
+    if not _checked:
+        check_versions()
+        _checked = True
     return zmq.Context.instance()
 
 
@@ -65,6 +73,23 @@ def make_socket(kind: int, *, connect: bool, linger_ms: int = 0, sndhwm: int = 1
     if connect:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    return sock
+
+
+def open_push(address: str, curve: Curve | None, *, linger_ms: int, sndhwm: int, heartbeat_ms: int) -> zmq.Socket:
+    """A PUSH connected to a sink address (``#curve=KEY`` names the sink's public key)."""
+    endpoint, server_key = split_sink(address)
+    if (server_key is None) != (curve is None):
+        raise zmq.ZMQError(zmq.EINVAL, "sink needs CURVE" if curve is None else
+                           "sink address has no CURVE key but CURVE is on")
+    sock = make_socket(zmq.PUSH, connect=True, linger_ms=linger_ms, sndhwm=sndhwm, heartbeat_ms=heartbeat_ms)
+    try:
+        if curve is not None and server_key is not None:
+            curve.connect_to(sock, server_key)
+        sock.connect(endpoint)
+    except zmq.ZMQError:
+        sock.close()
+        raise
     return sock
 
 

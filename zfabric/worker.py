@@ -29,6 +29,7 @@ from .execution import InlinePolicy, call_sync, check_options, error_entry, resu
 from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode, encode_error
 from .isolation import ChildPool
 from .registry import NotAllowed, Registry
+from .security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Worker:
     async def start(self) -> "Worker":
         self._loop = asyncio.get_running_loop()
         address = FabricAddress.parse(self.config.address)
+        self._curve = Curve(self.config.curve, "worker") if self.config.curve is not None else None
         self._hb_ms = int(self.config.timing.heartbeat_s * 1000)
         self._connect(address.workers)
         for i in range(self.config.threads):
@@ -103,6 +105,8 @@ class Worker:
         self._dealer = transport.make_socket(zmq.DEALER, connect=True, linger_ms=2000, sndhwm=100_000,
                                              routing_id=transport.new_routing_id(), heartbeat_ms=self._hb_ms)
         self._dealer.setsockopt(zmq.IMMEDIATE, 1)
+        if self._curve is not None:
+            self._curve.connect_to(self._dealer, self._curve.scheduler_key)
         self._dealer.connect(endpoint)
         self._to_scheduler = transport.Sender(self._dealer, limit=100_000)
         self._reader = transport.Reader(self._dealer, self._on_scheduler, "scheduler")
@@ -389,9 +393,7 @@ class Worker:
 
     def _sink(self, address: str) -> _SinkOut | None:
         try:
-            sock = transport.make_socket(zmq.PUSH, connect=True, linger_ms=2000, sndhwm=100,
-                                         heartbeat_ms=self._hb_ms)
-            sock.connect(address)
+            sock = transport.open_push(address, self._curve, linger_ms=2000, sndhwm=100, heartbeat_ms=self._hb_ms)
         except zmq.ZMQError as exc:
             self.bad_input("bad sink address", address, str(exc))
             return None
