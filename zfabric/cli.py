@@ -84,7 +84,7 @@ def main(ctx: click.Context, log_level: str) -> None:
 
 
 @main.command()
-@click.option("--workers", "-w", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=2, show_default=True, help="Worker processes.")
 @click.option("--app", "-a", multiple=True, help="Module the workers may run functions from (repeatable).")
 @click.option("--port", "-p", type=int, default=None, help="Intake port (workers use PORT+1); 0 picks free ports.")
 @click.option("--bind", default="127.0.0.1", show_default=True,
@@ -187,9 +187,12 @@ def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, t
 
     if concurrency < 1 or threads < 0:
         raise click.BadParameter("--concurrency must be >= 1 and --threads >= 0")
-    w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads,
-                            timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing),
-                            curve=_curve(curve_dir, curve_name)))
+    try:
+        w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads,
+                                timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing),
+                                curve=_curve(curve_dir, curve_name)))
+    except FabricError as exc:
+        raise click.ClickException(str(exc)) from None
 
     async def start() -> None:
         await w.start()
@@ -213,14 +216,21 @@ def _parse_arg(text: str) -> Any:
 @click.option("--kw", multiple=True, metavar="NAME=JSON", help="A keyword argument (repeatable).")
 @click.option("--timeout-s", type=float, default=ClientConfig.timeout_s, show_default=True,
               help="Give up if the fabric does not answer within this long.")
+@click.option("--wait-s", type=float, default=None, help="Give up if the result takes longer (default: wait).")
 @curve_option
 @log_level_option
 def submit(address: str, function: str, args: tuple[str, ...], kw: tuple[str, ...], timeout_s: float,
-           curve_dir: str | None, curve_name: str) -> None:
+           wait_s: float | None, curve_dir: str | None, curve_name: str) -> None:
     """Run FUNCTION (module:name) with JSON ARGS on the fabric at ADDRESS; print its result as JSON."""
     from .client import Client
+    from .registry import function_name
     from .sink import to_json
 
+    try:
+        function_name(function)
+        FabricAddress.parse(address)
+    except FabricError as exc:
+        raise click.ClickException(str(exc)) from None
     kwargs = {}
     for item in kw:
         key, sep, value = item.partition("=")
@@ -230,12 +240,12 @@ def submit(address: str, function: str, args: tuple[str, ...], kw: tuple[str, ..
 
     async def run() -> Any:
         async with Client(address, timeout_s=timeout_s, curve=_curve(curve_dir, curve_name)) as client:
-            return await asyncio.wait_for(client.submit(function, *map(_parse_arg, args), **kwargs), timeout_s)
+            return await asyncio.wait_for(client.submit(function, *map(_parse_arg, args), **kwargs), wait_s)
 
     try:
         value = _run(run())
     except asyncio.TimeoutError:
-        raise click.ClickException(f"no result within {timeout_s:g} s") from None
+        raise click.ClickException(f"no result within {wait_s:g} s") from None
     click.echo(json.dumps(to_json(value)))
 
 
@@ -294,8 +304,9 @@ def sink(bind: str, out: Any, curve_dir: str | None, curve_name: str) -> None:
 
 
 @main.command()
-@click.option("--workers", "-w", type=int, default=2, show_default=True)
-@click.option("--tasks", "-n", type=int, default=20_000, show_default=True, help="No-op tasks in the throughput run.")
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--tasks", "-n", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="No-op tasks in the throughput run.")
 @log_level_option
 def demo(workers: int, tasks: int) -> None:
     """Start a local fabric, run a mixed workload with progress, print throughput and latency."""
@@ -315,3 +326,23 @@ def keys(keys_dir: str) -> None:
         click.echo(path)
     click.echo(f"Secret files are mode 0600. Start every component with --curve {keys_dir}; copy the directory "
                "(without the secrets a host does not need) to the other hosts.", err=True)
+
+
+@main.command()
+@click.option("--workers", "-w", type=int, default=2, show_default=True)
+@click.option("--tasks", "-n", type=int, default=20_000, show_default=True)
+@click.option("--sleep-tasks", type=int, default=20_000, show_default=True)
+@click.option("--pending", type=int, default=200_000, show_default=True, help="Tasks for the memory figure.")
+@click.option("--quick", is_flag=True, help="Tiny counts (a smoke test).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@log_level_option
+def bench(workers: int, tasks: int, sleep_tasks: int, pending: int, quick: bool, as_json: bool) -> None:
+    """zfabric's benchmark figures (scripts/bench_compare.py puts them beside Dask, Ray, ...)."""
+    from .bench import HEADER, format_row, run_bench
+
+    result = _run(run_bench(workers, tasks, sleep_tasks, pending=pending, quick=quick))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(HEADER)
+        click.echo(format_row(result))

@@ -200,6 +200,24 @@ class Client(Submitter):
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def gather(self, handles: "list[Handle]") -> list[Any]:
+        """Values of all `handles`, in order; raises the first error. Cheaper than `asyncio.gather`
+        (which wraps every handle in a Task)."""
+        remaining = sum(1 for h in handles if not h.done())
+        if remaining:
+            all_done: asyncio.Future[None] = self._loop.create_future()
+
+            def one_done(_: Handle) -> None:
+                nonlocal remaining
+                remaining -= 1
+                if remaining == 0 and not all_done.done():
+                    all_done.set_result(None)
+            for h in handles:
+                if not h.done():
+                    h.add_done_callback(one_done)
+            await all_done
+        return [h.result() for h in handles]
+
     def sync(self) -> "SyncClient":
         """A blocking facade on this configuration, running its own event loop in a thread."""
         from .syncclient import SyncClient

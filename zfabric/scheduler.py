@@ -20,7 +20,7 @@ import zmq
 
 from . import transport
 from .config import FabricAddress, SchedulerConfig
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 from .protocol import Kind, decode, encode
 from .scheduling import SchedulerState
 from .security import Curve
@@ -61,17 +61,21 @@ class Scheduler:
         if self._curve is not None:
             self._curve.serve(self._intake, "clients")
             self._curve.serve(self._router, "workers")
-        if address.host is None:
-            self._intake.bind(address.intake)
-            self._router.bind(address.workers)
-            self.address = address.intake
-        else:
-            host = f"[{address.host}]" if ":" in address.host else address.host
-            if ":" in address.host:
-                self._intake.setsockopt(zmq.IPV6, 1)
-                self._router.setsockopt(zmq.IPV6, 1)
-            port = transport.bind_pair(self._intake, self._router, host, address.port or 0)
-            self.address = f"tcp://{host}:{port}"
+        try:
+            if address.host is None:
+                self._intake.bind(address.intake)
+                self._router.bind(address.workers)
+                self.address = address.intake
+            else:
+                host = f"[{address.host}]" if ":" in address.host else address.host
+                if ":" in address.host:
+                    self._intake.setsockopt(zmq.IPV6, 1)
+                    self._router.setsockopt(zmq.IPV6, 1)
+                port = transport.bind_pair(self._intake, self._router, host, address.port or 0)
+                self.address = f"tcp://{host}:{port}"
+        except (zmq.ZMQError, OSError) as exc:
+            raise ConfigError(f"cannot listen on {address.intake} and {address.workers}: {exc} "
+                              "(is another scheduler running there? pick another --bind port)") from None
         epoch = int.from_bytes(os.urandom(6), "big")
         self.state = SchedulerState(cfg, epoch)
         readers = [transport.Reader(self._intake, self._on_intake, "intake"),

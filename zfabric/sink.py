@@ -16,7 +16,7 @@ from typing import IO, Any
 import zmq
 
 from . import transport
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 from .protocol import Kind, Status, decode, decode_error, decode_value
 from .config import CurveConfig
 from .security import Curve
@@ -56,7 +56,11 @@ class Sink:
         curve = Curve(self.curve, "client") if self.curve is not None else None
         if curve is not None:
             curve.serve(self._sock, "fabric")
-        self._sock.bind(self.bind)
+        try:
+            self._sock.bind(self.bind)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            raise ConfigError(f"cannot listen on {self.bind}: {exc}") from None
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if curve is not None:
             self.address = curve.sink_address(self.address)

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .errors import FabricError
 from .runtime import PARENT_ENV, READY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,10 @@ class Supervisor:
             if dead or time.monotonic() > deadline:
                 await self.stop()
                 if dead:
-                    raise RuntimeError(f"{dead[0].role} exited with code {dead[0].proc.returncode} "  # type: ignore
+                    raise FabricError(f"{dead[0].role} exited with code {dead[0].proc.returncode} "  # type: ignore
                                        "before it was ready (see its log above)")
                 late = [c.role for c in children if not c.ready.is_set()]
-                raise TimeoutError(f"{', '.join(late)} did not start within {timeout_s:g} s (see the log above)")
+                raise FabricError(f"{', '.join(late)} did not start within {timeout_s:g} s (see the log above)")
             waits = [asyncio.create_task(c.ready.wait()) for c in children if not c.ready.is_set()]
             _, pending = await asyncio.wait(waits, timeout=0.1)
             for w in pending:
