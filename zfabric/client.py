@@ -25,7 +25,7 @@ from .config import ClientConfig, FabricAddress, local_ip_towards
 from .errors import ConfigError, FabricUnreachable, ProtocolError, SubmitError, TaskRejected
 from .execution import check_options
 from .handle import DONE, SENT, WAITING, Handle
-from .protocol import MAX_BATCH_BYTES, Kind, decode, encode, encode_call, describe_unencodable
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, decode, encode, encode_call, describe_unencodable
 from .registry import function_name
 from .security import Curve
 
@@ -255,7 +255,9 @@ class Client(Submitter):
         handle = Handle(self._id_base + self._seq, self, payload, priority)
         self._handles[handle.id] = handle
         self._outbox.append(handle)
-        if not self._pump_scheduled:
+        if len(self._outbox) >= MAX_BATCH_TASKS and self._in_scheduler < self.config.window:
+            self._pump()  # a full batch goes now, so the fabric works while the caller is still submitting
+        elif not self._pump_scheduled:
             self._pump_scheduled = True
             self._loop.call_soon(self._pump)
         return handle
@@ -276,18 +278,18 @@ class Client(Submitter):
 
     def _pump(self) -> None:
         """Send waiting tasks while the window has room, many per frame."""
-        self._pump_scheduled = False
         if self._cancels:
             cancels, self._cancels = self._cancels, []
             self._to_scheduler.send(encode(Kind.CANCEL, self._client_id, self.sink_address, cancels))
         if not self._welcomed.is_set():
+            self._pump_scheduled = False
             return
         room = self.config.window - self._in_scheduler
         outbox = self._outbox
         while room > 0 and outbox:
             flat: list[Any] = []
             size = 0
-            while room > 0 and outbox and size < MAX_BATCH_BYTES:
+            while room > 0 and outbox and size < MAX_BATCH_BYTES and len(flat) < 3 * MAX_BATCH_TASKS:
                 handle = outbox.popleft()
                 if handle.state != WAITING:
                     continue  # cancelled while waiting
@@ -300,6 +302,7 @@ class Client(Submitter):
                 self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
         if len(outbox) < self.config.max_backlog:
             self._room.set()
+        self._pump_scheduled = False
 
     def _resubmit_all(self) -> None:
         sent = [h for h in self._handles.values() if h.state == SENT]

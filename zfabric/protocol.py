@@ -32,7 +32,9 @@ MAX_FRAMES = 4
 MAX_BATCH_ITEMS = 3 * 50_000
 """Longest flat batch list in one envelope."""
 MAX_BATCH_BYTES = 1024 * 1024
-"""Senders close a batch frame once its payloads pass this size."""
+"""Senders close a batch frame once its payloads pass this size..."""
+MAX_BATCH_TASKS = 1000
+"""...or once it holds this many tasks, so the next process starts while this one is still packing."""
 
 
 class Kind(IntEnum):

@@ -123,6 +123,8 @@ class Scheduler:
             if kind == Kind.SUBMIT:
                 if state.submit(f[0], f[1], f[2], f[3], now):
                     self.bad_input("malformed task entry", f[0].hex(), "not [id, priority, payload]")
+                state.dispatch()  # each batch moves on at once: workers start while more arrive
+                self._flush_outbox()
             elif kind == Kind.CLIENT_HELLO:
                 state.client_hello(f[0], f[1], now)
             elif kind == Kind.CANCEL:

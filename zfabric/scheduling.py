@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SchedulerConfig
-from .protocol import MAX_BATCH_BYTES, Kind, Status, encode, encode_error
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode, encode_error
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class SchedulerState:
     def _send_batch(self, worker: WorkerRecord, batch: list[Task]) -> None:
         worker.free -= len(batch)
         by_sink: dict[str, list[Any]] = {}
-        size = 0
+        size = count = 0
         for task in batch:
             task.state = RUNNING
             task.worker = worker
@@ -434,9 +434,10 @@ class SchedulerState:
                 entry = by_sink[task.sink] = []
             entry += (task.id, task.tries, task.payload)
             size += len(task.payload)
-            if size > MAX_BATCH_BYTES:
+            count += 1
+            if size > MAX_BATCH_BYTES or count >= MAX_BATCH_TASKS:
                 self._emit_dispatch(worker, by_sink)
-                by_sink, size = {}, 0
+                by_sink, size, count = {}, 0, 0
         if by_sink:
             self._emit_dispatch(worker, by_sink)
 
