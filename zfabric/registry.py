@@ -45,6 +45,7 @@ class Registry:
     def __init__(self, modules: Iterable[str] = ()) -> None:
         self._modules: dict[str, Any] = {}
         self._functions: dict[str, Callable[..., Any]] = {}
+        self._async: dict[Callable[..., Any], bool] = {}
         for name in modules:
             self.add_module(name)
 
@@ -82,6 +83,8 @@ class Registry:
         self._functions[name] = fn
         return fn
 
-    @staticmethod
-    def is_async(fn: Callable[..., Any]) -> bool:
-        return inspect.iscoroutinefunction(fn)
+    def is_async(self, fn: Callable[..., Any]) -> bool:
+        answer = self._async.get(fn)
+        if answer is None:
+            answer = self._async[fn] = inspect.iscoroutinefunction(fn)
+        return answer

@@ -245,7 +245,7 @@ class Worker:
             return
         try:
             name, args, kwargs, options = decode_call(payload)
-            problem = check_options(options)
+            problem = check_options(options) if options else None
             if problem:
                 raise ProtocolError(problem)
             fn = self.registry.resolve(name)
