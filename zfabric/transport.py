@@ -110,11 +110,14 @@ def bind_pair(intake: zmq.Socket, router: zmq.Socket, host: str, port: int, atte
 
 
 class Reader:
-    """Drains one socket without awaiting per message and hands batches to `handle`.
+    """Drains one socket from the loop's reader callback and hands batches to `handle`.
 
-    The socket's FD is edge-triggered and any send on the same socket may
+    No coroutine and no await per message: when the socket's FD is readable
+    the callback receives with NOBLOCK until EAGAIN (or a batch is full, then
+    it reschedules itself so other sockets get a turn) and handles the batch
+    at once. The FD is edge-triggered and any send on the same socket may
     consume the edge that announced new input: whoever sends on it must call
-    `wake()` afterwards, so the reader checks again instead of sleeping forever.
+    `wake()` afterwards, so the reader looks again.
     """
 
     def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str) -> None:
@@ -122,33 +125,38 @@ class Reader:
         self.handle = handle
         self.name = name
         self.oversize = 0
-        self._readable: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
 
     def wake(self) -> None:
-        if self._readable is not None:
-            self._readable.set()
+        if self._loop is not None and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._on_readable)
 
     async def run(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        readable = self._readable = asyncio.Event()
+        """Serve the socket until `stop` is set."""
+        self._loop = asyncio.get_running_loop()
         fd = self.sock.FD
-        loop.add_reader(fd, readable.set)
+        self._loop.add_reader(fd, self._on_readable)
+        self.wake()  # input may have arrived before we were watching
         try:
-            while not stop.is_set():
-                batch = self._drain()
-                if batch:
-                    try:
-                        self.handle(batch)
-                    except Exception:  # a bug, not bad input: keep the process serving, say it loudly
-                        log.exception("%s: error while handling a batch of %d messages", self.name, len(batch))
-                    await asyncio.sleep(0)  # let other sockets and tasks run between batches
-                    continue
-                readable.clear()
-                if self.sock.EVENTS & zmq.POLLIN:
-                    continue
-                await readable.wait()
+            await stop.wait()
         finally:
-            loop.remove_reader(fd)
+            self._loop.remove_reader(fd)
+            self._loop = None
+
+    def _on_readable(self) -> None:
+        self._scheduled = False
+        if self._loop is None or self.sock.closed:
+            return
+        batch = self._drain()
+        if batch:
+            try:
+                self.handle(batch)
+            except Exception:  # a bug, not bad input: keep the process serving, say it loudly
+                log.exception("%s: error while handling a batch of %d messages", self.name, len(batch))
+        if len(batch) >= RECV_BATCH or (not self.sock.closed and self.sock.EVENTS & zmq.POLLIN):
+            self.wake()  # more is waiting: continue after the loop's other work
 
     def _drain(self) -> list[list[bytes]]:
         batch: list[list[bytes]] = []

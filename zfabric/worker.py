@@ -23,7 +23,7 @@ from typing import Any, Callable
 import zmq
 
 from . import transport
-from .config import FabricAddress, WorkerConfig
+from .config import FabricAddress, WorkerConfig, local_ip_towards
 from .errors import ProtocolError
 from .execution import InlinePolicy, call_sync, check_options, error_entry, result_entry, retry_delay
 from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode, encode_error
@@ -87,6 +87,8 @@ class Worker:
     async def start(self) -> "Worker":
         self._loop = asyncio.get_running_loop()
         address = FabricAddress.parse(self.config.address)
+        ip = local_ip_towards(address.host) if address.host else "ipc"
+        self._host = f"{socket.gethostname()}/{ip}"
         self._curve = Curve(self.config.curve, "worker") if self.config.curve is not None else None
         self._hb_ms = int(self.config.timing.heartbeat_s * 1000)
         self._connect(address.workers)
@@ -176,7 +178,7 @@ class Worker:
         if hasattr(self, "_reader"):
             self._reader.wake()
         self._to_scheduler.send(encode(Kind.WORKER_HELLO, self.name, self._session, free, list(self._running),
-                                       os.getpid(), socket.gethostname()))
+                                       os.getpid(), self._host))
 
     def _on_scheduler(self, batch: list[list[bytes]]) -> None:
         self._last_heard = time.monotonic()
