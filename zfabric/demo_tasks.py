@@ -114,3 +114,9 @@ async def ablob(n: int, seconds: float = 0.0) -> bytes:
     """Wait, then return n bytes (a large result)."""
     await asyncio.sleep(seconds)
     return b"\x5a" * n
+
+
+def sblob(n: int, seconds: float = 0.0) -> bytes:
+    """Sleep in a worker thread, then return n bytes (a large result from a sync function)."""
+    time.sleep(seconds)
+    return b"\x5a" * n
