@@ -690,7 +690,6 @@ BUFFERED_RESULTS_LOST = (
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason=BUFFERED_RESULTS_LOST, strict=False)
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 async def test_worker_leaving_with_results_buffered_for_a_stalled_client_loses_nothing(
         procs: Procs, how: str) -> None:
@@ -743,7 +742,6 @@ RESULTS_DROPPED_ON_OVERFLOW = (
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason=RESULTS_DROPPED_ON_OVERFLOW, strict=False)
 async def test_client_stalled_for_seconds_gets_every_result_when_it_reads_again(procs: Procs) -> None:
     address = f"tcp://{LOOPBACK}:{free_port_pair()}"
     await procs.scheduler(address, "--client-timeout-s", "120")

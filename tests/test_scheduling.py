@@ -234,3 +234,25 @@ def test_suspects_run_alone_so_a_poison_task_cannot_take_others_with_it() -> Non
     remaining = dispatched(s)
     assert sorted(t for ids in remaining.values() for t in ids) == [3, 4]
     assert s.counters.lost == 1
+
+
+def test_audit_names_tasks_not_held() -> None:
+    s = make()
+    submit(s, [1, 2])
+    s.worker_hello(b"A", "a", 1, 5, [], 1, "h", 0.0)
+    s.worker_done(b"A", 1, 1, 1, [1], 0, [], 0.1)
+    sent(s)
+    s.audit(CID, SINK, [1, 2, 3], 0.2)
+    missing = [o for o in sent(s, "client") if o[2] == Kind.MISSING]
+    assert missing[0][3] == [7, [1, 3]]
+
+
+def test_restarted_scheduler_adopts_tasks_still_running_on_a_worker() -> None:
+    s = make()
+    s.worker_hello(b"A", "a", 1, 8, [5, 6], 1, "h", 0.0)  # a worker that ran 5 and 6 for the old scheduler
+    sent(s)
+    submit(s, [5, 6, 7])  # the client resubmits everything unfinished
+    assert dispatched(s) == {b"A": [7]}  # 5 and 6 are not run a second time
+    assert s.tasks[5].worker is s.workers[b"A"] and s.tasks[5].state == 1
+    s.worker_done(b"A", 1, 1, 2, [5, 6], 0, [], 1.0)
+    assert set(s.tasks) == {7} and s.workers[b"A"].free == 9

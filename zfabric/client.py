@@ -31,7 +31,9 @@ from .security import Curve
 
 log = logging.getLogger(__name__)
 
-_SINK_KINDS = (Kind.WELCOME, Kind.ACCEPTED, Kind.REJECTED, Kind.HEARTBEAT, Kind.RESULT, Kind.STATUS_REPLY)
+_SINK_KINDS = (Kind.WELCOME, Kind.ACCEPTED, Kind.REJECTED, Kind.HEARTBEAT, Kind.RESULT, Kind.STATUS_REPLY,
+               Kind.MISSING)
+AUDIT_CHUNK = 50_000
 TaskRef = Callable[..., Any] | str
 
 
@@ -114,6 +116,8 @@ class Client(Submitter):
         self._tasks: list[asyncio.Task[None]] = []
         self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._last_heard = time.monotonic()
+        self._missing_once: set[int] = set()
+        self.resubmitted = 0
         self._started = False
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -308,11 +312,42 @@ class Client(Submitter):
         sent = [h for h in self._handles.values() if h.state == SENT]
         if sent:
             log.info("client: resubmitting %d unfinished tasks to scheduler epoch %x", len(sent), self.epoch or 0)
-        for i in range(0, len(sent), 10_000):
+        self._resubmit(sent)
+
+    def _resubmit(self, handles: list[Handle]) -> None:
+        self.resubmitted += len(handles)
+        for i in range(0, len(handles), MAX_BATCH_TASKS):
             flat: list[Any] = []
-            for handle in sent[i:i + 10_000]:
+            for handle in handles[i:i + MAX_BATCH_TASKS]:
                 flat += (handle.id, handle.priority, handle.payload)
-            self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
+            self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to,
+                                           flat))
+
+    def _audit(self) -> None:
+        """Ask which unfinished tasks the scheduler no longer holds (see `_on_missing`)."""
+        if self.config.results_to:
+            return
+        sent = [task_id for task_id, h in self._handles.items() if h.state == SENT]
+        for i in range(0, len(sent), AUDIT_CHUNK):
+            self._to_scheduler.send(encode(Kind.AUDIT, self._client_id, self.sink_address, sent[i:i + AUDIT_CHUNK]))
+
+    def _on_missing(self, ids: list[Any]) -> None:
+        """A task the scheduler no longer holds finished, but its result may be lost (a worker died with it
+        buffered, or dropped it while we were not reading). Missing in two audits in a row: submit it again."""
+        again: list[Handle] = []
+        first_time: set[int] = set()
+        for task_id in ids:
+            handle = self._handles.get(task_id) if type(task_id) is int else None
+            if handle is None or handle.state != SENT:
+                continue
+            if task_id in self._missing_once:
+                again.append(handle)
+            else:
+                first_time.add(task_id)
+        self._missing_once = first_time
+        if again:
+            log.warning("client: %d finished tasks never delivered their result; submitting them again", len(again))
+            self._resubmit(again)
 
     # ---- receiving ------------------------------------------------------------------------
 
@@ -352,6 +387,8 @@ class Client(Submitter):
                 self._on_welcome(f[0])
             elif kind == Kind.REJECTED:
                 self._on_rejected(f[1])
+            elif kind == Kind.MISSING:
+                self._on_missing(f[1])
             elif kind == Kind.STATUS_REPLY:
                 waiters, self._status_waiters = self._status_waiters, []
                 for fut in waiters:
@@ -400,9 +437,13 @@ class Client(Submitter):
 
     async def _ticker(self) -> None:
         timing = self.config.timing
+        last_audit = time.monotonic()
         while not self._stop.is_set():
             await asyncio.sleep(timing.heartbeat_s if self._welcomed.is_set() else 0.02)
             self._hello()
+            if self._welcomed.is_set() and time.monotonic() - last_audit >= self.config.audit_s:
+                last_audit = time.monotonic()
+                self._audit()
             if self._to_scheduler.backlog:
                 self._to_scheduler.flush()
             silent = time.monotonic() - self._last_heard

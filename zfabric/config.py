@@ -122,9 +122,9 @@ class WorkerConfig:
     """On SIGTERM, running tasks get this long to finish before they are handed back."""
     sink_idle_s: float = 30.0
     """A result socket to a sink idle this long is closed."""
-    result_batches: int = 100
-    """Result batches (each up to ~1 MB) held for a sink that does not read, on top of ZeroMQ's 100;
-    beyond that results are dropped and counted."""
+    result_buffer_bytes: int = 64 * 1024 * 1024
+    """Results held for one sink that does not read; beyond it they are dropped and counted (the client's
+    audit finds the tasks and submits them again)."""
     timing: Timing = field(default_factory=Timing)
     curve: CurveConfig | None = None
 
@@ -138,6 +138,9 @@ class ClientConfig:
     """How long the client waits for an unreachable scheduler before failing its tasks."""
     window: int = 20_000
     """Tasks this client keeps in the scheduler at once; the rest wait in the client."""
+    audit_s: float = 2.0
+    """How often the client asks the scheduler which of its unfinished tasks it no longer holds; a task
+    missing twice in a row (its result was lost after it finished) is submitted again."""
     max_backlog: int = 1_000_000
     """Tasks waiting in the client beyond which `submit_wait` waits."""
     sink_bind: str | None = None

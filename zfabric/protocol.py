@@ -46,11 +46,13 @@ class Kind(IntEnum):
     CANCEL = 3            # client -> scheduler, scheduler -> worker
     CLIENT_BYE = 4        # client -> scheduler: forget me and my tasks
     STATUS_REQUEST = 5    # anyone -> scheduler intake
+    AUDIT = 6             # client -> scheduler: which of these unfinished tasks do you not hold?
     WELCOME = 10          # scheduler -> client: you are registered (resubmit what is unfinished)
     ACCEPTED = 11         # scheduler -> client
     REJECTED = 12         # scheduler -> client
     HEARTBEAT = 13        # scheduler -> client and worker
     STATUS_REPLY = 14     # scheduler -> requester
+    MISSING = 15          # scheduler -> client: these audited tasks are not held here
     RESULT = 20           # worker (or scheduler) -> client sink
     WORKER_HELLO = 30     # worker -> scheduler: register, with free slots (credit)
     DONE = 32             # worker -> scheduler: finished ids, credit back, retries
@@ -80,11 +82,13 @@ SCHEMA: dict[int, tuple[Any, ...]] = {
     Kind.CANCEL: (bytes, str, list),                      # client_id (or b""), sink (or ""), [id]*
     Kind.CLIENT_BYE: (bytes, str),                        # client_id, sink
     Kind.STATUS_REQUEST: (str,),                          # reply_to
+    Kind.AUDIT: (bytes, str, list),                       # client_id, sink, [id]*
     Kind.WELCOME: (_int, _num),                           # epoch, heartbeat_s
     Kind.ACCEPTED: (_int, list),                          # epoch, [id]*
     Kind.REJECTED: (_int, list),                          # epoch, flat [id, reason]*
     Kind.HEARTBEAT: (_int, _int, _int),                   # epoch, session, last dispatch seq (0, 0 to clients)
     Kind.STATUS_REPLY: (dict,),
+    Kind.MISSING: (_int, list),                           # epoch, [id]*
     Kind.RESULT: (list,),                                 # flat [id, status, value_bytes]*
     Kind.WORKER_HELLO: (str, _int, _int, list, _int, str),  # name, session, free, running ids, pid, host
     Kind.DONE: (_int, _int, _int, list, _int, list),      # session, seq, credit, finished ids, n_failed, flat [id, delay_s]*

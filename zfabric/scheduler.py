@@ -27,7 +27,7 @@ from .security import Curve
 
 log = logging.getLogger(__name__)
 
-_INTAKE_KINDS = (Kind.CLIENT_HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.CLIENT_BYE, Kind.STATUS_REQUEST)
+_INTAKE_KINDS = (Kind.CLIENT_HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.CLIENT_BYE, Kind.STATUS_REQUEST, Kind.AUDIT)
 _WORKER_KINDS = (Kind.WORKER_HELLO, Kind.DONE, Kind.WORKER_HEARTBEAT, Kind.DRAIN, Kind.WORKER_BYE)
 TICK_S = 0.1
 
@@ -133,6 +133,8 @@ class Scheduler:
                 state.client_bye(f[0], now)
             elif kind == Kind.STATUS_REQUEST:
                 self._reply_status(f[0])
+            elif kind == Kind.AUDIT:
+                state.audit(f[0], f[1], f[2], now)
         state.dispatch()
         self._flush_outbox()
 

@@ -101,6 +101,7 @@ class SchedulerState:
         self._delayed: list[tuple[float, int, Task]] = []
         self._suspects: deque[Task] = deque()  # were on 2+ dying workers: run one per worker at a time
         self._n_suspects = 0
+        self._orphans: dict[int, WorkerRecord] = {}  # running on a worker, not (yet) resubmitted to us
         self._last_heartbeat = float("-inf")
 
     # ---- queue ----------------------------------------------------------------------------
@@ -196,6 +197,10 @@ class SchedulerState:
                     rejected += (task_id, "malformed task entry (expected id, priority, payload)")
                 continue
             held = tasks.get(task_id)
+            if held is None and task_id in self._orphans:
+                self._adopt(task_id, client, results_to or sink, priority, payload)
+                accepted.append(task_id)
+                continue
             if held is not None:
                 if held.client is client:
                     accepted.append(task_id)  # a resubmission of a task we hold: idempotent
@@ -222,6 +227,26 @@ class SchedulerState:
             self.counters.rejected += len(rejected) // 2
             self.outbox.append(("client", client.sink, encode(Kind.REJECTED, self.epoch, rejected)))
         return malformed
+
+    def _adopt(self, task_id: int, client: ClientRecord, sink: str, priority: int, payload: bytes) -> None:
+        """A resubmitted task that a worker reported running at (re-)registration: it is still running there."""
+        worker = self._orphans.pop(task_id)
+        task = Task(task_id, client, sink, priority, payload)
+        self.tasks[task_id] = task
+        client.tasks.add(task)
+        if self.workers.get(worker.wid) is worker:
+            task.state = RUNNING
+            task.worker = worker
+            worker.tasks.add(task)
+        else:
+            self._enqueue(task)
+
+    def audit(self, cid: bytes, sink: str, ids: list[Any], now: float) -> None:
+        """Tell a client which of its unfinished tasks we do not hold (their results may have been lost)."""
+        client = self._client(cid, sink, now)
+        tasks = self.tasks
+        missing = [i for i in ids if type(i) is int and (tasks.get(i) is None or tasks[i].client is not client)]
+        self.outbox.append(("client", client.sink, encode(Kind.MISSING, self.epoch, missing)))
 
     def cancel(self, cid: bytes, ids: list[Any], now: float) -> None:
         client = self.clients.get(cid)
@@ -264,6 +289,9 @@ class SchedulerState:
                 worker.tasks.add(task)
                 task.worker = worker
             self._requeue_all([t for t in old.tasks if t.id not in still_running], died=False)
+        for task_id in still_running:
+            if task_id not in self.tasks:  # e.g. we restarted: adopt it when its client resubmits it
+                self._orphans[task_id] = worker
         log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
         self.outbox.append(("worker", wid, encode(Kind.HEARTBEAT, self.epoch, session, 0)))
         self.dispatch()
@@ -307,9 +335,12 @@ class SchedulerState:
     def _finish(self, finished: list[Any]) -> None:
         tasks = self.tasks
         n = 0
+        orphans = self._orphans
         for task_id in finished:
             task = tasks.pop(task_id, None) if type(task_id) is int else None
             if task is None:
+                if orphans:
+                    orphans.pop(task_id, None)
                 continue
             n += 1
             task.state = -1
@@ -338,6 +369,7 @@ class SchedulerState:
     def worker_bye(self, wid: bytes, now: float) -> None:
         worker = self.workers.pop(wid, None)
         if worker is not None:
+            self._forget_orphans(worker)
             log.info("worker %s left; %d tasks go back to the queue", wid.hex(), len(worker.tasks))
             self._requeue_all(worker.tasks, died=False)
             self.dispatch()
@@ -347,10 +379,16 @@ class SchedulerState:
         worker = self.workers.pop(wid, None)
         if worker is None:
             return
+        self._forget_orphans(worker)
         log.warning("worker %s (%s, pid %d) lost: %s; redelivering %d tasks",
                     wid.hex(), worker.name, worker.pid, why, len(worker.tasks))
         self._requeue_all(worker.tasks, died=True)
         self.dispatch()
+
+    def _forget_orphans(self, worker: WorkerRecord) -> None:
+        if self._orphans:
+            for task_id in [i for i, w in self._orphans.items() if w is worker]:
+                del self._orphans[task_id]
 
     def _requeue_all(self, tasks: "set[Task] | list[Task]", died: bool) -> None:
         """Back to the queue, oldest (lowest id) first, ahead of tasks never tried."""

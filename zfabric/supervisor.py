@@ -104,7 +104,7 @@ class Supervisor:
                 if proc is None or proc.returncode is None or self._stopping:
                     continue
                 ran_for = time.monotonic() - child.started_at
-                child.backoff_s = 0.5 if ran_for > 30 else min(child.backoff_s * 2, 10.0)
+                child.backoff_s = 0.5 if ran_for > 30 or not child.restarts else min(child.backoff_s * 2, 10.0)
                 log.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s", child.role, proc.pid,
                             proc.returncode, ran_for, child.backoff_s)
                 child.restarts += 1

@@ -176,12 +176,15 @@ class Reader:
 
 
 class Sender:
-    """Sends without blocking; holds frames in order when the socket would block, up to `limit`."""
+    """Sends without blocking; holds frames in order when the socket would block, up to `limit` frames
+    and `limit_bytes` bytes (beyond that `send` refuses and counts a drop)."""
 
-    def __init__(self, sock: zmq.Socket, limit: int = 1_000_000) -> None:
+    def __init__(self, sock: zmq.Socket, limit: int = 1_000_000, limit_bytes: int = 1 << 40) -> None:
         self.sock = sock
         self.backlog: deque[list[bytes] | bytes] = deque()
         self.limit = limit
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
         self.dropped = 0
 
     def send(self, frames: list[bytes] | bytes) -> bool:
@@ -194,11 +197,17 @@ class Sender:
         except zmq.Again:
             return self._hold(frames)
 
+    @staticmethod
+    def _size(frames: list[bytes] | bytes) -> int:
+        return len(frames) if isinstance(frames, bytes) else sum(len(f) for f in frames)
+
     def _hold(self, frames: list[bytes] | bytes) -> bool:
-        if len(self.backlog) >= self.limit:
+        size = self._size(frames)
+        if len(self.backlog) >= self.limit or self.held_bytes + size > self.limit_bytes:
             self.dropped += 1
             return False
         self.backlog.append(frames)
+        self.held_bytes += size
         return True
 
     def _send_one(self, frames: list[bytes] | bytes) -> None:
@@ -207,16 +216,26 @@ class Sender:
         else:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
 
-    def flush(self) -> bool:
-        """Send what was held; True when nothing is left."""
+    def flush(self) -> int:
+        """Send what was held, in order; returns how many frames went out."""
         backlog = self.backlog
+        sent = 0
         try:
             while backlog:
                 self._send_one(backlog[0])
-                backlog.popleft()
+                self.held_bytes -= self._size(backlog.popleft())
+                sent += 1
         except zmq.Again:
-            return False
-        return True
+            pass
+        return sent
+
+    def clear(self) -> int:
+        """Drop everything held; returns how many frames were dropped."""
+        n = len(self.backlog)
+        self.backlog.clear()
+        self.held_bytes = 0
+        self.dropped += n
+        return n
 
 
 def close_all(sockets: Iterable[zmq.Socket | None]) -> None:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _SCHEDULER_KINDS = (Kind.DISPATCH, Kind.HEARTBEAT, Kind.REGISTER, Kind.CANCEL)
 TICK_S = 0.1
+BACKLOG_RETRY_S = 0.005
 
 
 class _SinkOut:
@@ -81,6 +82,7 @@ class Worker:
         self._inline = InlinePolicy()
         self._wake_pending = False
         self._isolated: ChildPool | None = None
+        self._backlog_retry = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -141,8 +143,12 @@ class Worker:
                  len(self._running))
         deadline = time.monotonic() + self.config.grace_s
         while self._running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # sync-ok: polls the running set until the grace period ends
         self._flush()
+        while any(out.sender.backlog for out in self._sinks.values()) and time.monotonic() < deadline:
+            for out in self._sinks.values():
+                out.sender.flush()
+            await asyncio.sleep(0.05)
         if self._running:
             left = list(self._running)
             log.warning("worker %s: %d tasks still running after %.1f s grace; handing them back",
@@ -220,6 +226,14 @@ class Worker:
     def _on_dispatch(self, epoch: int, session: int, seq: int, groups: list[Any]) -> None:
         if session != self._session:
             return  # sent before our latest HELLO; the scheduler requeued those tasks
+        if self._draining:  # crossed our DRAIN on the wire: hand it straight back
+            self._dispatch_seq = seq
+            back: list[Any] = []
+            for group in groups:
+                if type(group) is list and len(group) == 2 and type(group[1]) is list:
+                    back += group[1][0::3]
+            self._to_scheduler.send(encode(Kind.DRAIN, self._session, back))
+            return
         if seq != self._dispatch_seq + 1:
             log.warning("worker %s: DISPATCH %d after %d; re-registering", self.name, seq, self._dispatch_seq)
             self._hello()
@@ -395,20 +409,41 @@ class Worker:
 
     def _sink(self, address: str) -> _SinkOut | None:
         try:
-            sock = transport.open_push(address, self._curve, linger_ms=2000, sndhwm=100, heartbeat_ms=self._hb_ms)
+            sock = transport.open_push(address, self._curve, linger_ms=2000, sndhwm=16, heartbeat_ms=self._hb_ms)
         except zmq.ZMQError as exc:
             self.bad_input("bad sink address", address, str(exc))
             return None
-        out = self._sinks[address] = _SinkOut(transport.Sender(sock, limit=self.config.result_batches),
-                                              time.monotonic())
+        sender = transport.Sender(sock, limit=100_000, limit_bytes=self.config.result_buffer_bytes)
+        out = self._sinks[address] = _SinkOut(sender, time.monotonic())
         return out
 
     def _send_results(self, out: _SinkOut) -> None:
         if out.results:
-            out.last_used = time.monotonic()
+            if not out.sender.backlog:
+                out.last_used = time.monotonic()
             if not out.sender.send(encode(Kind.RESULT, out.results)):
                 self.counts["results_dropped"] += len(out.results) // 3
             out.results, out.size = [], 0
+            if out.sender.backlog:
+                self._retry_backlogs_soon()
+
+    def _retry_backlogs_soon(self) -> None:
+        if not self._backlog_retry:
+            self._backlog_retry = True
+            self._loop.call_later(BACKLOG_RETRY_S, self._retry_backlogs)
+
+    def _retry_backlogs(self) -> None:
+        """A sink that could not take results: try again every few ms while anything is held."""
+        self._backlog_retry = False
+        held = False
+        now = time.monotonic()
+        for out in self._sinks.values():
+            if out.sender.backlog:
+                if out.sender.flush():
+                    out.last_used = now
+                held = held or bool(out.sender.backlog)
+        if held:
+            self._retry_backlogs_soon()
 
     def _flush(self) -> None:
         """Results to their sinks first, then DONE to the scheduler."""
@@ -442,10 +477,12 @@ class Worker:
                 self._hello()
             self._reader.wake()
             for address, out in list(self._sinks.items()):
-                if out.sender.backlog:
-                    out.sender.flush()
-                    out.last_used = now
-                elif now - out.last_used > self.config.sink_idle_s:
+                if now - out.last_used > self.config.sink_idle_s:
+                    if out.sender.backlog:
+                        log.warning("worker %s: sink %s has not read for %.0f s; dropping %d result batches "
+                                    "(its client will ask for those tasks again)", self.name, address,
+                                    now - out.last_used, len(out.sender.backlog))
+                        self.counts["results_dropped"] += out.sender.clear()
                     out.sender.sock.close()
                     del self._sinks[address]
             await asyncio.sleep(TICK_S)
