@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 TASKS = "zfabric.demo_tasks"
+LOOPBACK = "127.0.0.1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,6 +45,23 @@ async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0, wh
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(0.02)  # sync-ok: polling interval of a deadline wait
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on loopback (the fabric's intake and worker ports)."""
+    for _ in range(200):
+        with socket.socket() as a:
+            a.bind((LOOPBACK, 0))
+            port = a.getsockname()[1]
+            if port >= 65534:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind((LOOPBACK, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def zfabric_cmd(*args: str) -> list[str]:

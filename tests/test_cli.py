@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 import zfabric
-from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, wait_for, zfabric_cmd
+from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, wait_for, zfabric_cmd, free_port_pair
 from zfabric.cli import main
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,23 +32,6 @@ LOOPBACK = "127.0.0.1"
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 both free on loopback (the fabric's intake and worker ports)."""
-    for _ in range(200):
-        with socket.socket() as a:
-            a.bind((LOOPBACK, 0))
-            port = a.getsockname()[1]
-            if port >= 65534:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind((LOOPBACK, port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def run_cli(*args: str, timeout: float = 45) -> subprocess.CompletedProcess[str]:

@@ -34,30 +34,13 @@ import pytest
 import zfabric
 from zfabric import demo_tasks
 from zfabric.handle import Handle
-from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, zfabric_cmd
+from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, zfabric_cmd, free_port_pair
 
 LOOPBACK = "127.0.0.1"
 READY = r"^ZFABRIC-READY (.*)$"
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 both free on loopback (the fabric's intake and worker ports)."""
-    for _ in range(200):
-        with socket.socket() as a:
-            a.bind((LOOPBACK, 0))
-            port = a.getsockname()[1]
-            if port >= 65534:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind((LOOPBACK, port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def figures(test: str, **values: Any) -> None:

@@ -28,6 +28,7 @@ from .handle import DONE, SENT, WAITING, Handle
 from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, decode, encode, encode_call, describe_unencodable
 from .registry import function_name
 from .security import Curve
+from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Submitter:
                 handle.cancel()
 
 
-class Client(Submitter):
+class Client(Submitter, Service):
     """Connects to a fabric: ``async with zfabric.Client("tcp://host:7100") as client: ...``."""
 
     def __init__(self, address: str | ClientConfig | None = None, **options: Any) -> None:
@@ -95,7 +96,8 @@ class Client(Submitter):
         else:
             config = ClientConfig(**options) if address is None else ClientConfig(address=address, **options)
         FabricAddress.parse(config.address)
-        super().__init__(self)
+        Submitter.__init__(self, self)
+        Service.__init__(self)
         self.config = config
         self.sink_address = ""
         self.epoch: int | None = None
@@ -112,8 +114,6 @@ class Client(Submitter):
         self._pump_scheduled = False
         self._welcomed = asyncio.Event()
         self._room = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._last_heard = time.monotonic()
         self._missing_once: set[int] = set()
@@ -186,10 +186,7 @@ class Client(Submitter):
             self._intake.send(encode(Kind.CLIENT_BYE, self._client_id, self.sink_address), zmq.NOBLOCK)
         except zmq.Again:
             pass
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_tasks()
         self._fail_all(FabricUnreachable("the client was closed before the task finished"))
         transport.close_all([self._intake, self._sink])
         if self.sink_address.startswith("ipc://"):
@@ -197,12 +194,6 @@ class Client(Submitter):
                 os.unlink(self.sink_address[len("ipc://"):])
             except OSError:
                 pass
-
-    async def __aenter__(self) -> "Client":
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def gather(self, handles: "list[Handle]") -> list[Any]:
         """Values of all `handles`, in order; raises the first error. Cheaper than `asyncio.gather`

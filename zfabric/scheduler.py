@@ -24,6 +24,7 @@ from .errors import ConfigError, ProtocolError
 from .protocol import Kind, decode, encode
 from .scheduling import SchedulerState
 from .security import Curve
+from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,15 @@ _WORKER_KINDS = (Kind.WORKER_HELLO, Kind.DONE, Kind.WORKER_HEARTBEAT, Kind.DRAIN
 TICK_S = 0.1
 
 
-class Scheduler:
+class Scheduler(Service):
     """A scheduler: `async with Scheduler(SchedulerConfig(bind=...)) as s: await s.wait_closed()`."""
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
+        super().__init__()
         self.config = config or SchedulerConfig()
         self.state: SchedulerState | None = None
         self.address = ""
         self.bad_input = transport.BadInput("scheduler")
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._sinks: dict[str, transport.Sender] = {}
         self._worker_backlog: dict[bytes, deque[bytes]] = {}
         self._started = time.monotonic()
@@ -87,23 +87,10 @@ class Scheduler:
         return self
 
     async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await self._end_tasks()
         transport.close_all([getattr(self, "_intake", None), getattr(self, "_router", None),
                              *(s.sock for s in self._sinks.values())])
         self._sinks.clear()
-
-    async def wait_closed(self) -> None:
-        await self._stop.wait()
-
-    async def __aenter__(self) -> "Scheduler":
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # ---- input ----------------------------------------------------------------------------
 

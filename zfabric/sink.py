@@ -20,6 +20,7 @@ from .errors import ConfigError, ProtocolError
 from .protocol import Kind, Status, decode, decode_error, decode_value
 from .config import CurveConfig
 from .security import Curve
+from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,12 @@ def to_json(value: Any) -> Any:
     return value
 
 
-class Sink:
+class Sink(Service):
     """Binds a PULL socket at `bind` and writes results as JSON lines to `out`."""
 
     def __init__(self, bind: str, out: IO[str], seen_limit: int = 10_000_000,
                  curve: CurveConfig | None = None) -> None:
+        super().__init__()
         self.bind = bind
         self.curve = curve
         self.out = out
@@ -48,8 +50,6 @@ class Sink:
         self.bad_input = transport.BadInput("sink")
         self._seen: set[int] = set()
         self._seen_limit = seen_limit
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> "Sink":
         self._sock = transport.make_socket(zmq.PULL, connect=False)
@@ -64,25 +64,13 @@ class Sink:
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if curve is not None:
             self.address = curve.sink_address(self.address)
-        self._task = asyncio.create_task(transport.Reader(self._sock, self._on_batch, "sink").run(self._stop))
+        self._tasks = [asyncio.create_task(transport.Reader(self._sock, self._on_batch, "sink").run(self._stop))]
         return self
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._end_tasks()
         self._sock.close()
         self.out.flush()
-
-    async def wait_closed(self) -> None:
-        await self._stop.wait()
-
-    async def __aenter__(self) -> "Sink":
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _on_batch(self, batch: list[list[bytes]]) -> None:
         for frames in batch:

@@ -30,6 +30,7 @@ from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode
 from .isolation import ChildPool
 from .registry import NotAllowed, Registry
 from .security import Curve
+from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,17 @@ class _SinkOut:
         self.last_used = now
 
 
-class Worker:
+class Worker(Service):
     """A worker: `async with Worker(WorkerConfig(address, app=("myapp",))) as w: await w.wait_closed()`."""
 
     def __init__(self, config: WorkerConfig | None = None, registry: Registry | None = None) -> None:
+        super().__init__()
         self.config = config or WorkerConfig()
         self.registry = registry or Registry(self.config.app)
         self.name = self.config.name or f"{socket.gethostname()}-{os.getpid()}"
         self.registered = asyncio.Event()
         self.bad_input = transport.BadInput("worker")
         self.counts = {"done": 0, "failed": 0, "retried": 0, "results_dropped": 0}
-        self._stop = asyncio.Event()
         self._draining = False
         self._session = 0
         self._epoch: int | None = None
@@ -74,7 +75,6 @@ class Worker:
         self._retries: list[Any] = []
         self._sinks: dict[str, _SinkOut] = {}
         self._flush_scheduled = False
-        self._tasks: list[asyncio.Task[None]] = []
         self._threads: list[threading.Thread] = []
         self._sync_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sync_pending: dict[int, list[Any]] = {}
@@ -116,10 +116,7 @@ class Worker:
         self._reader = transport.Reader(self._dealer, self._on_scheduler, "scheduler")
 
     async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_tasks()
         for task in list(self._running.values()):
             if isinstance(task, asyncio.Task):
                 task.cancel()
@@ -161,15 +158,6 @@ class Worker:
         self._to_scheduler.send(encode(Kind.WORKER_BYE, self._session))
         self._to_scheduler.flush()
         self._stop.set()
-
-    async def wait_closed(self) -> None:
-        await self._stop.wait()
-
-    async def __aenter__(self) -> "Worker":
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # ---- scheduler link -------------------------------------------------------------------
 
