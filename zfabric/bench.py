@@ -66,7 +66,7 @@ async def memory_per_pending(n: int, workers: int) -> float:
     """RSS growth of client + scheduler per task, with `n` submitted while every worker slot is busy."""
     fabric = local(workers=workers, app=[TASKS], concurrency=1)
     async with fabric as client:
-        blockers = [client.submit(f"{TASKS}:slow", 60.0) for _ in range(workers)]
+        blockers = [client.submit(f"{TASKS}:asleep", 60.0) for _ in range(workers)]
         await asyncio.sleep(0.5)  # let the blockers occupy every slot
         scheduler_pid = fabric.supervisor.scheduler.proc.pid  # type: ignore[union-attr]
         before = rss_bytes(os.getpid()) + rss_bytes(scheduler_pid)
@@ -88,7 +88,10 @@ async def run_bench(workers: int = 2, tasks: int = 20_000, sleep_tasks: int = 20
     if quick:
         tasks, sleep_tasks, round_trip_n, pending = 500, 500, 50, 2_000
     out: dict[str, Any] = {"system": "zfabric", "workers": workers}
+    started = time.perf_counter()
     async with local(workers=workers, app=[TASKS]) as client:
+        await client.submit(f"{TASKS}:inc", 0)
+        out["startup_s"] = time.perf_counter() - started
         await throughput(client, min(tasks, 2000))  # warm-up: connections, inline policy
         out["tasks_per_s"] = await throughput(client, tasks)
         p50, p99 = await round_trips(client, round_trip_n)
