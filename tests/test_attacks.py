@@ -47,18 +47,18 @@ import psutil
 import pytest
 import zmq
 import zmq.utils.monitor
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import zfabric
-from zfabric import demo_tasks, protocol, security, transport
+from zfabric import demo_tasks, security, transport
 from zfabric.config import SchedulerConfig, Timing
 from zfabric.errors import ConfigError, ProtocolError, TaskRejected
 from zfabric.execution import retry_delay
 from zfabric.protocol import (MAX_FRAME_BYTES, SCHEMA, VERSION, Kind, Status, decode, decode_call, decode_error,
-                              encode, encode_call, encode_error, encode_value)
+                              encode, encode_call, encode_value)
 from zfabric.scheduling import DELAYED, QUEUED, RUNNING, SUSPECT, SchedulerState
-from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, zfabric_cmd
+from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, start_fabric, zfabric_cmd
 
 FUZZED: Counter[str] = Counter()
 """Inputs tried per fuzz test (printed at the end of each, for the closing note)."""
@@ -189,7 +189,7 @@ def mutated_frames(draw: st.DrawFn) -> bytes:
 
 @pytest.mark.timeout(120)
 def test_fuzz_valid_envelopes_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
-    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(envelopes())
     def run(envelope: tuple[Kind, list[Any]]) -> None:
         FUZZED["round trip"] += 1
@@ -205,7 +205,7 @@ def test_fuzz_valid_envelopes_round_trip(capsys: pytest.CaptureFixture[str]) -> 
 def test_fuzz_mutated_envelopes_are_validated_or_refused(capsys: pytest.CaptureFixture[str]) -> None:
     outcomes: Counter[str] = Counter()
 
-    @settings(max_examples=900, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(mutated_frames(), st.sampled_from([None, (Kind.SUBMIT, Kind.CLIENT_HELLO), (Kind.DONE,), (Kind.RESULT,)]))
     def run(frame: bytes, expect: tuple[Kind, ...] | None) -> None:
         FUZZED["mutated envelopes"] += 1
@@ -219,7 +219,7 @@ def test_fuzz_mutated_envelopes_are_validated_or_refused(capsys: pytest.CaptureF
 @pytest.mark.timeout(120)
 def test_fuzz_msgpack_header_soup(capsys: pytest.CaptureFixture[str]) -> None:
     """Frames built from msgpack headers that lie about lengths, nest, or are reserved, plus filler bytes."""
-    @settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.sampled_from(MSGPACK_HEADERS) | st.binary(max_size=6), max_size=30)
            .map(lambda parts: b"\x93\x01" + b"".join(parts)) | st.lists(
                st.sampled_from(MSGPACK_HEADERS), max_size=40).map(b"".join))
@@ -256,7 +256,7 @@ def mutated_payloads(draw: st.DrawFn) -> bytes:
 @pytest.mark.timeout(120)
 def test_fuzz_task_payloads_are_validated_or_refused(capsys: pytest.CaptureFixture[str]) -> None:
     """What a worker unpacks (decode_call) and a client unpacks (decode_error) from the network."""
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(mutated_payloads())
     def run(payload: bytes) -> None:
         FUZZED["payloads"] += 1
@@ -313,6 +313,8 @@ OPS = st.one_of(
     st.tuples(st.just("worker_lost"), WIDS),
     st.tuples(st.just("tick"), st.floats(0.0, 15.0)),
     st.tuples(st.just("dispatch")),
+    *([st.tuples(st.just("audit"), CIDS, SINKS, st.lists(HOSTILE_ID, max_size=6))]
+      if hasattr(SchedulerState, "audit") else []),
 )
 
 
@@ -343,6 +345,8 @@ def apply_op(s: SchedulerState, op: tuple[Any, ...], now: float) -> None:
         s.tick(now)
     elif name == "dispatch":
         s.dispatch()
+    elif name == "audit":
+        s.audit(args[0], args[1], args[2], now)
 
 
 def check_invariants(s: SchedulerState) -> None:
@@ -393,11 +397,23 @@ def make_state() -> SchedulerState:
                                                         client_timeout_s=10.0), max_queued=20, max_deaths=3), 7)
 
 
+def is_known_orphan_bug(exc: BaseException) -> bool:
+    """The TypeError of test_done_with_junk_ids_while_orphans_exist (raised in SchedulerState._finish)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(exc, TypeError) and "unhashable" in str(exc) and tb is not None
+            and tb.tb_frame.f_code.co_name == "_finish")
+
+
 @pytest.mark.timeout(120)
 def test_fuzz_scheduler_state_machine_with_hostile_fields(capsys: pytest.CaptureFixture[str]) -> None:
     ops_seen: Counter[str] = Counter()
+    known_bug_hits = 0
 
-    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    # No shrinking: a failing run stays fast (shrinking 30-event sequences took ~45 s on this machine).
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              phases=[Phase.explicit, Phase.reuse, Phase.generate])
     @given(st.lists(st.tuples(OPS, st.floats(0.0, 3.0)), max_size=30))
     def run(ops: list[tuple[tuple[Any, ...], float]]) -> None:
         FUZZED["state machine sequences"] += 1
@@ -407,7 +423,13 @@ def test_fuzz_scheduler_state_machine_with_hostile_fields(capsys: pytest.Capture
             now += 1e-6 + step  # time only moves forward
             if op[0] == "tick":
                 now += op[1]
-            apply_op(s, op, now)
+            try:
+                apply_op(s, op, now)
+            except TypeError as exc:  # a known bug: count it, check the state is still sound, go on
+                if not is_known_orphan_bug(exc):
+                    raise
+                nonlocal known_bug_hits
+                known_bug_hits += 1
             FUZZED["state machine events"] += 1
             ops_seen[op[0]] += 1
             check_invariants(s)
@@ -420,7 +442,11 @@ def test_fuzz_scheduler_state_machine_with_hostile_fields(capsys: pytest.Capture
 
     run()
     report(capsys, f"fuzz: {FUZZED['state machine sequences']} state machine sequences, "
-                   f"{FUZZED['state machine events']} hostile events ({dict(ops_seen)})")
+                   f"{FUZZED['state machine events']} hostile events ({dict(ops_seen)}); "
+                   f"known-bug TypeErrors: {known_bug_hits}")
+    if known_bug_hits:
+        pytest.xfail(f"BUG (new code): {known_bug_hits} hostile DONEs raised TypeError in SchedulerState._finish "
+                     "(see test_done_with_junk_ids_while_orphans_exist); every invariant held otherwise")
 
 
 @pytest.mark.timeout(60)
@@ -440,6 +466,38 @@ def test_queue_counter_after_stale_done() -> None:
     if 1 in s.tasks:
         pytest.fail("setup: the late DONE did not finish the task")
     assert s.n_queued == 0, f"status 'queued' says {s.n_queued} with no task held"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(raises=TypeError, strict=False, reason=(
+    "BUG (new code): SchedulerState._finish (scheduling.py) does `orphans.pop(task_id, None)` without the int check "
+    "it applies to tasks.pop: a DONE (from any ROUTER peer, known or not) whose finished ids hold a list raises "
+    "TypeError out of the state machine; transport.Reader logs it and drops the rest of that batch (up to 2,000 "
+    "messages from every worker)"))
+def test_done_with_junk_ids_while_orphans_exist() -> None:
+    s = make_state()
+    if not hasattr(s, "_orphans"):
+        pytest.skip("no orphan bookkeeping in this version")
+    s.worker_hello(b"w1", "w1", 1, 4, [5], 1, "h", 0.0)  # reports task 5 running: an orphan until resubmitted
+    s.worker_done(b"w1", 1, 1, 0, [[1], {"a": 1}, 5], 0, [], 0.1)
+    s.worker_done(b"stranger", 1, 1, 0, [[1]], 0, [], 0.2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(raises=AssertionError, strict=False, reason=(
+    "BUG (new code, memory): SchedulerState.worker_hello replaces the WorkerRecord of a re-registering worker "
+    "without _forget_orphans(old): orphans pointing at the old record are never removed (worker_lost/bye only "
+    "forget the current record's), so repeated WORKER_HELLOs with fresh 'running' ids (150,000 per message) grow "
+    "_orphans without bound"))
+def test_orphans_do_not_outlive_their_worker() -> None:
+    s = make_state()
+    if not hasattr(s, "_orphans"):
+        pytest.skip("no orphan bookkeeping in this version")
+    for session in range(1, 6):  # a peer re-registering with fresh "running" ids each time
+        s.worker_hello(b"w1", "w1", session, 4, list(range(session * 1000, session * 1000 + 1000)), 1, "h", 0.0)
+    assert len(s._orphans) <= 1000, f"{len(s._orphans)} orphans held for one worker"
+    s.worker_lost(b"w1", "gone")
+    assert not s._orphans, f"{len(s._orphans)} orphans left after their worker was lost"
 
 
 @pytest.mark.timeout(60)
@@ -615,7 +673,7 @@ def garbage_messages(for_router: bool) -> list[list[bytes]]:
     msgs: list[list[bytes]] = [[g] for g in GARBAGE + BOMBS]
     msgs += [[b"a", b"b"], [b"x"] * 3]  # multi-frame (through a ROUTER, one more: the routing id)
     msgs.append([TWENTY_MB])
-    if not for_router:  # a decodable SUBMIT whose flat list is 65535 empty arrays; a hello with junk sink
+    if not for_router:  # a decodable SUBMIT whose flat list is 65535 empty arrays (to an unreachable sink)
         msgs.append([encode(Kind.SUBMIT, b"\x01" * 8, "tcp://127.0.0.1:1", "", [[]] * 65535)])
     return msgs
 
@@ -1162,7 +1220,8 @@ async def test_odd_options_fail_only_their_task(hostile: HostileFabric) -> None:
     before = pids(hostile)
     async with zfabric.Client(hostile.address) as client:
         outcomes = []
-        for options in ({"timeout_s": math.nan}, {"timeout_s": -1.0}, {"timeout_s": 1e308}, {"timeout_s": 0},
+        # (timeout_s=NaN has its own test below: it is a bug that can stall the whole worker)
+        for options in ({"timeout_s": math.inf}, {"timeout_s": -1.0}, {"timeout_s": 1e308}, {"timeout_s": 0},
                         {"retries": -5, "backoff_s": math.nan}, {"retries": 2, "backoff_s": -1e308}):
             for fn, args in ((demo_tasks.asleep, (0.01, "a")), (demo_tasks.slow, (0.01, "s")),
                              (demo_tasks.fail, ("x",))):
@@ -1174,6 +1233,36 @@ async def test_odd_options_fail_only_their_task(hostile: HostileFabric) -> None:
         assert await asyncio.wait_for(client.map(demo_tasks.inc, range(200)), 60) == list(range(1, 201))
         assert len((await client.status())["workers"]) == 2
     assert_same_processes(hostile, before)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(raises=AssertionError, strict=False, reason=(
+    "BUG: a client's timeout_s=NaN (check_options accepts any float) reaches asyncio.wait_for in "
+    "Worker._run_async (and ChildPool.run): a NaN TimerHandle breaks the ordering of the event loop's timer heap, "
+    "so the worker's ticker (heartbeats) sleeps until unrelated long timers fire; the scheduler declares the "
+    "worker lost and redelivers every task on it (other clients' too, counting deaths toward WorkerLost)"))
+async def test_nan_timeout_does_not_stall_the_worker() -> None:
+    fab = await asyncio.to_thread(start_fabric, 1)
+    try:
+        async with zfabric.Client(fab.address) as client:
+            innocent = [client.submit(demo_tasks.asleep, 4.0, "long") for _ in range(3)]  # another client's, say
+            await async_wait_for(lambda: _running_at_least(client, 3), timeout=20, what="the long tasks to start")
+            hostile = [client.options(timeout_s=math.nan).submit(demo_tasks.asleep, 1.0, "nan") for _ in range(20)]
+            for handle in hostile:
+                try:
+                    await asyncio.wait_for(handle, 30)
+                except zfabric.TaskError:
+                    pass
+            assert await asyncio.wait_for(client.gather(innocent), 30) == ["long"] * 3
+            st = await client.status()
+            assert st["redelivered"] == 0, (f"the worker was declared lost: {st['redelivered']} tasks redelivered, "
+                                            f"{len(st['workers'])} workers registered")
+    finally:
+        await asyncio.to_thread(fab.stop)
+
+
+async def _running_at_least(client: zfabric.Client, n: int) -> bool:
+    return (await client.status())["running"] >= n
 
 
 # =============================================================================================
@@ -1264,8 +1353,11 @@ async def test_bogus_client_registrations_do_not_lock_out_real_clients(tmp_path:
         sched = psutil.Process(proc.pid)
         attacker = asyncio.create_task(asyncio.to_thread(attack, port_of(address)))
         log_path = tmp_path / "scheduler.log"
-        await wait_or_fail(lambda: "Too many open files" in log_path.read_text() or attacker.done(),
-                           "the scheduler to run out of file descriptors")
+        deadline = time.monotonic() + 6.0  # the attack lasts 6 s (12,000 hellos), unless the scheduler gives in
+        while (time.monotonic() < deadline and not attacker.done()
+               and "Too many open files" not in log_path.read_text()):
+            await asyncio.sleep(0.1)  # sync-ok: polling interval while the attack runs its course
+        out_of_fds = "Too many open files" in log_path.read_text()
         try:
             async with zfabric.Client(address, timeout_s=4.0) as client:
                 await client.status()
@@ -1290,5 +1382,6 @@ async def test_bogus_client_registrations_do_not_lock_out_real_clients(tmp_path:
         err.close()
     if not alive:
         pytest.fail("the scheduler died")
-    assert not locked_out, (f"{sent} bogus CLIENT_HELLOs filled the scheduler's file descriptors ({fds} open, "
-                            f"limit 1024) and a real client got FabricUnreachable")
+    assert not out_of_fds and not locked_out, (
+        f"{sent} bogus CLIENT_HELLOs filled the scheduler's file descriptors ({fds} open, limit 1024; "
+        f"EMFILE in its log: {out_of_fds}); a real client {'got FabricUnreachable' if locked_out else 'got in'}")
