@@ -139,7 +139,7 @@ class Client(Submitter, Service):
             self.sink_address = curve.sink_address(self.sink_address)
         self._intake.connect(address.intake)
         self._to_scheduler = transport.Sender(self._intake, limit=1_000_000)
-        self._reader = transport.Reader(self._sink, self._on_sink, "sink")
+        self._reader = transport.Reader(self._sink, self._on_sink, "sink", self.bad_input)
         self._tasks = [asyncio.create_task(self._reader.run(self._stop)), asyncio.create_task(self._ticker())]
         self._started = True
         self._last_heard = time.monotonic()

@@ -100,6 +100,10 @@ class SchedulerConfig:
     timing: Timing = field(default_factory=Timing)
     max_deaths: int = 3
     """A task that was on this many dying workers fails with `WorkerLost` (a poison task)."""
+    max_clients: int = 500
+    """Clients registered at once (each costs a socket to its sink). When full, the oldest client holding
+    no task makes room. A client with no task is forgotten after 3 silent heartbeats, one with tasks after
+    `client_timeout_s`."""
     max_queued: int = 2_000_000
     """Tasks held (queued + running) across all clients; beyond it submissions are rejected."""
     curve: CurveConfig | None = None

@@ -57,7 +57,11 @@ def retry_delay(exc: BaseException, options: dict[str, Any], tries: int) -> floa
             return None
     base = options.get("backoff_s", 0.1)
     base = float(base) if isinstance(base, (int, float)) else 0.1
-    return min(300.0, base * (2 ** tries) * random.uniform(0.5, 1.5))
+    return min(300.0, base * (2 ** min(tries, 20)) * random.uniform(0.5, 1.5))
+
+
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "timeout_s": (1e-3, 7 * 24 * 3600.0), "retries": (0, 1000), "backoff_s": (0.0, 3600.0)}
 
 
 def check_options(options: dict[str, Any]) -> str | None:
@@ -68,6 +72,11 @@ def check_options(options: dict[str, Any]) -> str | None:
             return f"unknown option {key!r} (known: {', '.join(OPTION_TYPES)})"
         if not isinstance(value, expected) or isinstance(value, bool):
             return f"option {key!r} must be {expected}, got {type(value).__name__}"
+        low, high = OPTION_RANGES.get(key, (None, None))
+        if low is not None and not low <= value <= high:  # also refuses NaN
+            return f"option {key!r} must be between {low:g} and {high:g}, got {value!r}"
+        if key == "retry_on" and not all(type(name) is str and len(name) < 200 for name in value):
+            return "option 'retry_on' must be a list of exception class names"
     return None
 
 

@@ -118,22 +118,54 @@ def encode(kind: Kind, *fields: Any) -> bytes:
     return _packer().pack([VERSION, kind, *fields])
 
 
+ENVELOPE_CONTAINERS = 10_000
+"""Arrays and maps one envelope may hold in all (a real one holds a handful: batches are flat)."""
+PAYLOAD_CONTAINERS = 1_000_000
+"""Arrays and maps one task payload may hold in all."""
+
+
+class _ContainerBudget:
+    """A list/object hook that refuses input holding too many containers in all.
+
+    Per-array length limits do not stop a wide bomb: a megabyte of one-byte
+    empty arrays becomes ~66 MB of Python lists. Counting every container does.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many arrays and maps in one message")
+        return obj
+
+
+def _short(value: Any) -> str:
+    """A bounded repr of untrusted input, for error messages and logs."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def decode(frame: bytes, *, expect: Sequence[Kind] | None = None) -> tuple[Kind, list[Any]]:
     """Decode and validate one envelope; raise `ProtocolError` saying what was wrong."""
+    budget = _ContainerBudget(ENVELOPE_CONTAINERS)
     try:
         msg = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
             max_str_len=64 * 1024, max_bin_len=MAX_FRAME_BYTES, max_array_len=MAX_BATCH_ITEMS,
-            max_map_len=256, max_ext_len=0)
+            max_map_len=256, max_ext_len=0, list_hook=budget, object_hook=budget)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {_short(str(exc))})") from None
     if type(msg) is not list or len(msg) < 2:
         raise ProtocolError("frame is not a [version, kind, ...] array")
     if msg[0] != VERSION:
-        raise ProtocolError(f"protocol version {msg[0]!r}, expected {VERSION}")
+        raise ProtocolError(f"protocol version {_short(msg[0])}, expected {VERSION}")
     kind = _KINDS.get(msg[1]) if type(msg[1]) is int else None
     if kind is None:
-        raise ProtocolError(f"unknown message kind {msg[1]!r}")
+        raise ProtocolError(f"unknown message kind {_short(msg[1])}")
     if expect is not None and kind not in expect:
         raise ProtocolError(f"unexpected message kind {kind.name} here")
     fields = msg[2:]
@@ -161,9 +193,12 @@ def decode_value(data: bytes) -> Any:
     ext types need refusing here. Per-task decoding is hot: no further kwargs.
     """
     try:
-        return msgpack.unpackb(data, max_ext_len=0)
+        if len(data) <= 4096:  # too small to expand much: skip the (per-container) budget on the hot path
+            return msgpack.unpackb(data, max_ext_len=0)
+        return msgpack.unpackb(data, max_ext_len=0, list_hook=_ContainerBudget(PAYLOAD_CONTAINERS),
+                               object_hook=_ContainerBudget(PAYLOAD_CONTAINERS))
     except Exception as exc:
-        raise ProtocolError(f"undecodable value ({type(exc).__name__}: {exc})") from None
+        raise ProtocolError(f"undecodable value ({type(exc).__name__}: {_short(str(exc))})") from None
 
 
 def encode_call(function: str, args: Sequence[Any], kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:

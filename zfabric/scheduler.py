@@ -78,8 +78,8 @@ class Scheduler(Service):
                               "(is another scheduler running there? pick another --bind port)") from None
         epoch = int.from_bytes(os.urandom(6), "big")
         self.state = SchedulerState(cfg, epoch)
-        readers = [transport.Reader(self._intake, self._on_intake, "intake"),
-                   transport.Reader(self._router, self._on_router, "workers")]
+        readers = [transport.Reader(self._intake, self._on_intake, "intake", self.bad_input),
+                   transport.Reader(self._router, self._on_router, "workers", self.bad_input)]
         self._readers = readers
         self._tasks = [asyncio.create_task(r.run(self._stop)) for r in readers]
         self._tasks.append(asyncio.create_task(self._ticker()))

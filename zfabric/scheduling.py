@@ -25,6 +25,7 @@ from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode, en
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DELAYED, SUSPECT = 0, 1, 2, 3
+MAX_ORPHANS_PER_WORKER = 100_000
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
@@ -103,6 +104,7 @@ class SchedulerState:
         self._n_suspects = 0
         self._orphans: dict[int, WorkerRecord] = {}  # running on a worker, not (yet) resubmitted to us
         self._last_heartbeat = float("-inf")
+        self.refused_clients = 0  # evicted to make room, or refused for lack of it
 
     # ---- queue ----------------------------------------------------------------------------
 
@@ -160,9 +162,13 @@ class SchedulerState:
 
     # ---- clients --------------------------------------------------------------------------
 
-    def _client(self, cid: bytes, sink: str, now: float) -> ClientRecord:
+    def _client(self, cid: bytes, sink: str, now: float) -> ClientRecord | None:
+        """The client's record (registering it, with a WELCOME); None when the scheduler has no room."""
         client = self.clients.get(cid)
         if client is None:
+            if len(self.clients) >= self.config.max_clients and not self._evict_idle_client():
+                self.refused_clients += 1
+                return None
             client = self.clients[cid] = ClientRecord(cid, sink, now)
             log.info("client %s registered (sink %s)", cid.hex(), sink)
             self.outbox.append(("client", sink, encode(Kind.WELCOME, self.epoch, self.config.timing.heartbeat_s)))
@@ -175,6 +181,16 @@ class SchedulerState:
             self.outbox.append(("client", client.sink, encode(Kind.ACCEPTED, self.epoch, client.accepted)))
             client.accepted = []
 
+    def _evict_idle_client(self) -> bool:
+        """Make room by forgetting the longest-registered client that holds no task (a live one is
+        WELCOMEd back at its next hello; a flood of made-up client ids cannot lock real clients out)."""
+        for client in self.clients.values():  # in registration order
+            if not client.tasks:
+                self.refused_clients += 1
+                self._drop_client(client, "evicted to make room")
+                return True
+        return False
+
     def client_hello(self, cid: bytes, sink: str, now: float) -> None:
         self._client(cid, sink, now)
 
@@ -184,6 +200,8 @@ class SchedulerState:
         `sink` is the client's own (control) sink; results go to `results_to`, usually the same.
         """
         client = self._client(cid, sink, now)
+        if client is None:
+            return 0
         accepted: list[int] = []
         rejected: list[Any] = []
         malformed = 0
@@ -244,18 +262,21 @@ class SchedulerState:
     def audit(self, cid: bytes, sink: str, ids: list[Any], now: float) -> None:
         """Tell a client which of its unfinished tasks we do not hold (their results may have been lost)."""
         client = self._client(cid, sink, now)
+        if client is None:
+            return
         tasks = self.tasks
         missing = [i for i in ids if type(i) is int and (tasks.get(i) is None or tasks[i].client is not client)]
         self.outbox.append(("client", client.sink, encode(Kind.MISSING, self.epoch, missing)))
 
     def cancel(self, cid: bytes, ids: list[Any], now: float) -> None:
         client = self.clients.get(cid)
-        if client is not None:
-            client.last_seen = now
+        if client is None:
+            return  # only a task's own client may cancel it
+        client.last_seen = now
         by_worker: dict[bytes, list[int]] = {}
         for task_id in ids:
             task = self.tasks.get(task_id) if type(task_id) is int else None
-            if task is None or (client is not None and task.client is not client):
+            if task is None or task.client is not client:
                 continue
             self.counters.cancelled += 1
             if task.state == RUNNING and task.worker is not None:
@@ -270,7 +291,8 @@ class SchedulerState:
             self._drop_client(client, "said goodbye")
 
     def _drop_client(self, client: ClientRecord, why: str) -> None:
-        log.info("client %s %s; dropping its %d tasks", client.cid.hex(), why, len(client.tasks))
+        (log.info if client.tasks else log.debug)("client %s %s; dropping its %d tasks", client.cid.hex(), why,
+                                                  len(client.tasks))
         self.cancel(client.cid, [t.id for t in client.tasks], client.last_seen)
         del self.clients[client.cid]
         self.outbox.append(("close", client.sink, b""))
@@ -281,6 +303,8 @@ class SchedulerState:
                      host: str, now: float) -> None:
         """(Re-)register a worker; tasks we thought it had but it does not run go back to the queue."""
         old = self.workers.get(wid)
+        if old is not None:
+            self._forget_orphans(old)
         worker = WorkerRecord(wid, name, session, max(0, free), pid, host, now)
         self.workers[wid] = worker
         still_running = {t for t in running if type(t) is int}
@@ -289,7 +313,7 @@ class SchedulerState:
                 worker.tasks.add(task)
                 task.worker = worker
             self._requeue_all([t for t in old.tasks if t.id not in still_running], died=False)
-        for task_id in still_running:
+        for task_id in list(still_running)[:MAX_ORPHANS_PER_WORKER]:
             if task_id not in self.tasks:  # e.g. we restarted: adopt it when its client resubmits it
                 self._orphans[task_id] = worker
         log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
@@ -337,12 +361,18 @@ class SchedulerState:
         n = 0
         orphans = self._orphans
         for task_id in finished:
-            task = tasks.pop(task_id, None) if type(task_id) is int else None
+            if type(task_id) is not int:
+                continue
+            task = tasks.pop(task_id, None)
             if task is None:
                 if orphans:
                     orphans.pop(task_id, None)
                 continue
             n += 1
+            if task.state == QUEUED:  # e.g. a late DONE from a worker declared lost
+                self._n_queued -= 1
+            elif task.state == SUSPECT:
+                self._n_suspects -= 1
             task.state = -1
             task.client.tasks.discard(task)
             self._detach(task)
@@ -502,7 +532,9 @@ class SchedulerState:
             self._acknowledge(client)
         for worker in [w for w in self.workers.values() if now - w.last_seen > timing.worker_timeout_s]:
             self.worker_lost(worker.wid, f"silent for {now - worker.last_seen:.1f} s")
-        for client in [c for c in self.clients.values() if now - c.last_seen > timing.client_timeout_s]:
+        idle_s = 3 * timing.heartbeat_s  # a live client says hello every heartbeat
+        for client in [c for c in self.clients.values() if now - c.last_seen > timing.client_timeout_s
+                       or (not c.tasks and now - c.last_seen > idle_s)]:
             self._drop_client(client, f"silent for {now - client.last_seen:.1f} s")
         while self._delayed and self._delayed[0][0] <= now:
             _, _, task = heapq.heappop(self._delayed)
@@ -519,6 +551,7 @@ class SchedulerState:
                  "running": len(w.tasks), "done": w.done, "draining": w.draining}
                 for w in self.workers.values()],
             "clients": len(self.clients),
+            "evicted_or_refused_clients": self.refused_clients,
             "queued": self.n_queued,
             "suspects": self._n_suspects,
             "delayed": len(self._delayed),

@@ -64,7 +64,7 @@ class Sink(Service):
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if curve is not None:
             self.address = curve.sink_address(self.address)
-        self._tasks = [asyncio.create_task(transport.Reader(self._sock, self._on_batch, "sink").run(self._stop))]
+        self._tasks = [asyncio.create_task(transport.Reader(self._sock, self._on_batch, "sink", self.bad_input).run(self._stop))]
         return self
 
     async def stop(self) -> None:

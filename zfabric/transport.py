@@ -37,6 +37,13 @@ def context() -> zmq.Context:
     if not _checked:
         check_versions()
         _checked = True
+        raise_fd_limit()
+        ctx = zmq.Context.instance()
+        try:  # libzmq allows 1023 sockets by default; a scheduler holds one per client
+            import resource
+            ctx.set(zmq.MAX_SOCKETS, max(1024, min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)))
+        except (ImportError, zmq.ZMQError):
+            pass
     return zmq.Context.instance()
 
 
@@ -52,6 +59,18 @@ def seed_libc_rand() -> None:
         libc.srand(int.from_bytes(os.urandom(4), "little"))
     except OSError:  # not glibc-like; nothing to seed
         log.debug("could not seed libc rand()")
+
+
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Every client sink costs the scheduler a socket: lift the soft descriptor limit towards the hard one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def make_socket(kind: int, *, connect: bool, linger_ms: int = 0, sndhwm: int = 100_000, rcvhwm: int = 100_000,
@@ -120,11 +139,12 @@ class Reader:
     `wake()` afterwards, so the reader looks again.
     """
 
-    def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str) -> None:
+    def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str,
+                 bad_input: "BadInput | None" = None) -> None:
         self.sock = sock
         self.handle = handle
         self.name = name
-        self.oversize = 0
+        self.bad_input = bad_input or BadInput(name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
 
@@ -165,9 +185,7 @@ class Reader:
             while len(batch) < RECV_BATCH:
                 frames = recv(zmq.NOBLOCK)
                 if len(frames) > MAX_FRAMES:
-                    self.oversize += 1
-                    if self.oversize == 1:
-                        log.warning("%s: dropped a message of %d frames (limit %d)", self.name, len(frames), MAX_FRAMES)
+                    self.bad_input("message with too many frames", self.name, f"{len(frames)} (limit {MAX_FRAMES})")
                     continue
                 batch.append(frames)
         except zmq.Again:
@@ -254,6 +272,7 @@ class BadInput:
 
     def __call__(self, what: str, peer: str, detail: str) -> None:
         self.counts[what] += 1
+        peer = peer[:64]
         if (what, peer) not in self._logged and len(self._logged) < 10_000:
             self._logged.add((what, peer))
             log.warning("%s: dropped %s from %s: %s (further ones are only counted)",

@@ -113,7 +113,7 @@ class Worker(Service):
             self._curve.connect_to(self._dealer, self._curve.scheduler_key)
         self._dealer.connect(endpoint)
         self._to_scheduler = transport.Sender(self._dealer, limit=100_000)
-        self._reader = transport.Reader(self._dealer, self._on_scheduler, "scheduler")
+        self._reader = transport.Reader(self._dealer, self._on_scheduler, "scheduler", self.bad_input)
 
     async def stop(self) -> None:
         await self._end_tasks()
