@@ -57,7 +57,8 @@ from zfabric.errors import ConfigError, ProtocolError, TaskRejected
 from zfabric.execution import retry_delay
 from zfabric.protocol import (MAX_FRAME_BYTES, SCHEMA, VERSION, Kind, Status, decode, decode_call, decode_error,
                               encode, encode_call, encode_value)
-from zfabric.scheduling import DELAYED, QUEUED, RUNNING, SUSPECT, SchedulerState
+from zfabric.records import DELAYED, QUEUED, RUNNING, SUSPECT
+from zfabric.scheduling import SchedulerState
 from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, start_fabric, zfabric_cmd
 
 FUZZED: Counter[str] = Counter()
@@ -351,11 +352,12 @@ def apply_op(s: SchedulerState, op: tuple[Any, ...], now: float) -> None:
 
 def check_invariants(s: SchedulerState) -> None:
     """Every held task is in exactly one state, indexed where that state says; counters never negative."""
-    assert s._n_queued >= 0 and s._n_suspects >= 0 and s.n_queued >= 0
-    in_queues = {id(t) for q in s._queues.values() for t in q}
-    in_suspects = {id(t) for t in s._suspects}
-    in_delayed = {id(t) for _, _, t in s._delayed}
-    assert len(s._levels) == len(s._queues) and {-p for p in s._levels} == set(s._queues)
+    q = s.queue
+    assert q.n_ready >= 0 and q.n_suspects >= 0 and s.n_queued >= 0
+    in_queues = {id(t) for dq in q._queues.values() for t in dq}
+    in_suspects = {id(t) for t in q._suspects}
+    in_delayed = {id(t) for _, _, t in q._delayed}
+    assert len(q._levels) == len(q._queues) and {-p for p in q._levels} == set(q._queues)
     running_on: Counter[int] = Counter()
     for wid, w in s.workers.items():
         assert w.wid == wid and w.free >= 0
@@ -383,9 +385,7 @@ def check_invariants(s: SchedulerState) -> None:
     for c in s.clients.values():
         for t in c.tasks:
             assert s.tasks.get(t.id) is t
-    # The counters may over-count (see test_queue_counter_after_stale_done, a known drift), never under-count:
-    # an under-count would strand queued tasks.
-    assert s._n_queued >= n_queued and s._n_suspects >= n_suspects
+    assert q.n_ready == n_queued and q.n_suspects == n_suspects  # exact: they decide what gets dispatched
     for where, _dest, frame in s.outbox:  # whatever the state machine says is a valid message
         if where != "close":
             assert check_decode(frame) == "accepted"

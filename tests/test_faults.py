@@ -19,7 +19,6 @@ import asyncio
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap

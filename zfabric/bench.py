@@ -72,8 +72,8 @@ async def memory_per_pending(n: int, workers: int) -> float:
         before = rss_bytes(os.getpid()) + rss_bytes(scheduler_pid)
         handles = [client.submit(f"{TASKS}:inc", i) for i in range(n)]
         deadline = time.monotonic() + 60
-        while client._outbox and len(client._outbox) > n - client.config.window and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        while client._outbox and client._in_scheduler < client.config.window and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until the scheduler holds a full window and the client the rest
         await asyncio.sleep(0.5)
         after = rss_bytes(os.getpid()) + rss_bytes(scheduler_pid)
         per_task = (after - before) / n

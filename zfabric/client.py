@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
 
 import zmq
 
@@ -29,6 +29,9 @@ from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, decode, encode, en
 from .registry import function_name
 from .security import Curve
 from .service import Service
+
+if TYPE_CHECKING:
+    from .syncclient import SyncClient
 
 log = logging.getLogger(__name__)
 

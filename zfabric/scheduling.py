@@ -1,88 +1,31 @@
-"""The scheduler's bookkeeping as a pure state machine (layer 3: imports protocol, config).
+"""The scheduler's bookkeeping as a pure state machine (layer 3: imports protocol, config, queueing, records).
 
 The rule it keeps: no I/O and no clock. Every method takes the event and
 ``now`` and appends what must be sent to `outbox`; the asyncio driver
 (`zfabric.scheduler`) only receives, calls these methods and sends.
 
 Bookkeeping: every task the scheduler holds is in `tasks` (by id) and is
-either QUEUED (in the priority queue), RUNNING (on exactly one worker),
-or DELAYED (waiting for a retry back-off). Workers grant credit: the scheduler
-never sends a worker more tasks than the free slots it announced.
+either waiting in `queue` (QUEUED, SUSPECT or DELAYED, see `queueing`) or
+RUNNING on exactly one worker (`records`). Workers grant credit: the
+scheduler never sends a worker more tasks than the free slots it announced.
 """
 
 from __future__ import annotations
 
-import bisect
-import heapq
 import logging
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SchedulerConfig
 from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode, encode_error
+from .queueing import TaskQueue
+from .records import GONE, RUNNING, ClientRecord, Counters, Task, WorkerRecord
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DELAYED, SUSPECT = 0, 1, 2, 3
 MAX_ORPHANS_PER_WORKER = 100_000
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
-
-
-class Task:
-    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths")
-
-    def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes) -> None:
-        self.id = task_id
-        self.client = client
-        self.sink = sink
-        self.priority = priority
-        self.payload = payload
-        self.state = QUEUED
-        self.worker: WorkerRecord | None = None
-        self.tries = 0
-        self.deaths = 0
-
-
-@dataclass(eq=False)
-class WorkerRecord:
-    wid: bytes
-    name: str
-    session: int
-    free: int
-    pid: int
-    host: str
-    last_seen: float
-    tasks: set[Task] = field(default_factory=set)
-    suspect: Task | None = None
-    dispatch_seq: int = 0
-    done_seq: int = 0
-    draining: bool = False
-    done: int = 0
-
-
-@dataclass(eq=False)
-class ClientRecord:
-    cid: bytes
-    sink: str
-    last_seen: float
-    tasks: set[Task] = field(default_factory=set)
-    accepted: list[int] = field(default_factory=list)  # acknowledged in batches by `tick`
-
-
-@dataclass
-class Counters:
-    submitted: int = 0
-    done: int = 0
-    failed: int = 0
-    rejected: int = 0
-    redelivered: int = 0
-    lost: int = 0
-    cancelled: int = 0
-    duplicates: int = 0
-    retried: int = 0
 
 
 class SchedulerState:
@@ -96,58 +39,23 @@ class SchedulerState:
         self.clients: dict[bytes, ClientRecord] = {}
         self.counters = Counters()
         self.outbox: list[Outgoing] = []
-        self._queues: dict[int, deque[Task]] = {}
-        self._levels: list[int] = []  # negated priorities, ascending = highest priority first
-        self._n_queued = 0
-        self._delayed: list[tuple[float, int, Task]] = []
-        self._suspects: deque[Task] = deque()  # were on 2+ dying workers: run one per worker at a time
-        self._n_suspects = 0
+        self.queue = TaskQueue(self.tasks)
         self._orphans: dict[int, WorkerRecord] = {}  # running on a worker, not (yet) resubmitted to us
         self._last_heartbeat = float("-inf")
         self.refused_clients = 0  # evicted to make room, or refused for lack of it
 
-    # ---- queue ----------------------------------------------------------------------------
+    # ---- indexes --------------------------------------------------------------------------
 
     @property
     def n_queued(self) -> int:
-        return self._n_queued + self._n_suspects
-
-    def _enqueue(self, task: Task, front: bool = False) -> None:
-        task.state = QUEUED
-        task.worker = None
-        queue = self._queues.get(task.priority)
-        if queue is None:
-            queue = self._queues[task.priority] = deque()
-            bisect.insort(self._levels, -task.priority)
-        if front:
-            queue.appendleft(task)
-        else:
-            queue.append(task)
-        self._n_queued += 1
-
-    def _pop_queued(self, n: int) -> list[Task]:
-        out: list[Task] = []
-        while len(out) < n and self._levels:
-            queue = self._queues[-self._levels[0]]
-            while queue and len(out) < n:
-                task = queue.popleft()
-                if task.state == QUEUED and self.tasks.get(task.id) is task:
-                    out.append(task)
-            if not queue:
-                del self._queues[-self._levels[0]]
-                self._levels.pop(0)
-        self._n_queued -= len(out)
-        return out
+        return len(self.queue)
 
     def _forget(self, task: Task) -> None:
-        """Remove a task from every index (a queued one is skipped lazily by `_pop_queued`)."""
+        """Remove a task from every index (a queued one is skipped lazily when popped)."""
         if self.tasks.get(task.id) is task:
             del self.tasks[task.id]
-        if task.state == QUEUED:
-            self._n_queued -= 1
-        elif task.state == SUSPECT:
-            self._n_suspects -= 1
-        task.state = -1
+        self.queue.discard(task)
+        task.state = GONE
         task.client.tasks.discard(task)
         self._detach(task)
 
@@ -233,7 +141,7 @@ class SchedulerState:
             task = Task(task_id, client, results_to or sink, priority, payload)
             tasks[task_id] = task
             client.tasks.add(task)
-            self._enqueue(task)
+            self.queue.push(task)
             accepted.append(task_id)
         if len(flat) % 3:
             malformed += 1
@@ -257,7 +165,7 @@ class SchedulerState:
             task.worker = worker
             worker.tasks.add(task)
         else:
-            self._enqueue(task)
+            self.queue.push(task)
 
     def audit(self, cid: bytes, sink: str, ids: list[Any], now: float) -> None:
         """Tell a client which of its unfinished tasks we do not hold (their results may have been lost)."""
@@ -351,9 +259,8 @@ class SchedulerState:
                 continue
             self._detach(task)
             task.tries += 1
-            task.state = DELAYED
             self.counters.retried += 1
-            heapq.heappush(self._delayed, (now + max(0.0, min(float(delay), 3600.0)), task.id, task))
+            self.queue.delay(task, now + max(0.0, min(float(delay), 3600.0)))
         self.dispatch()
 
     def _finish(self, finished: list[Any]) -> None:
@@ -369,11 +276,8 @@ class SchedulerState:
                     orphans.pop(task_id, None)
                 continue
             n += 1
-            if task.state == QUEUED:  # e.g. a late DONE from a worker declared lost
-                self._n_queued -= 1
-            elif task.state == SUSPECT:
-                self._n_suspects -= 1
-            task.state = -1
+            self.queue.discard(task)  # it may be queued again: a late DONE from a worker declared lost
+            task.state = GONE
             task.client.tasks.discard(task)
             self._detach(task)
         self.counters.done += n
@@ -434,13 +338,11 @@ class SchedulerState:
             if task.deaths >= 2:
                 # Twice on a dying worker: maybe it is what kills them. Run it alone so it cannot
                 # take other tasks' attempts with it (one suspect per worker at a time).
-                task.state = SUSPECT
-                self._suspects.append(task)
-                self._n_suspects += 1
+                self.queue.push_suspect(task)
             else:
                 front.append(task)
         for task in reversed(front):
-            self._enqueue(task, front=True)
+            self.queue.push(task, front=True)
 
     def _fail_lost(self, task: Task) -> None:
         self.counters.lost += 1
@@ -454,22 +356,22 @@ class SchedulerState:
 
     def dispatch(self) -> None:
         """Hand queued tasks to workers with free slots, most free first, in one frame per worker."""
-        if self._suspects:
+        if self.queue.n_suspects:
             self._dispatch_suspects()
-        if not self._n_queued:
+        if not self.queue.n_ready:
             return
         ready = [w for w in self.workers.values() if w.free > 0 and not w.draining]
         if not ready:
             return
         ready.sort(key=lambda w: w.free, reverse=True)
         free_total = sum(w.free for w in ready)
-        remaining = min(self._n_queued, free_total)
+        remaining = min(self.queue.n_ready, free_total)
         for worker in ready:
             if remaining <= 0:
                 break
             share = min(worker.free, remaining, -(-remaining * worker.free // free_total))
             free_total -= worker.free
-            batch = self._pop_queued(share)
+            batch = self.queue.pop(share)
             if not batch:
                 break
             remaining -= len(batch)
@@ -477,15 +379,10 @@ class SchedulerState:
 
     def _dispatch_suspects(self) -> None:
         for worker in self.workers.values():
-            if not self._suspects:
-                return
             if worker.suspect is None and worker.free > 0 and not worker.draining:
-                task = self._suspects.popleft()
-                while self.tasks.get(task.id) is not task or task.state != SUSPECT:
-                    if not self._suspects:
-                        return
-                    task = self._suspects.popleft()
-                self._n_suspects -= 1
+                task = self.queue.pop_suspect()
+                if task is None:
+                    return
                 self._send_batch(worker, [task])
                 worker.suspect = task
 
@@ -536,10 +433,8 @@ class SchedulerState:
         for client in [c for c in self.clients.values() if now - c.last_seen > timing.client_timeout_s
                        or (not c.tasks and now - c.last_seen > idle_s)]:
             self._drop_client(client, f"silent for {now - client.last_seen:.1f} s")
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, task = heapq.heappop(self._delayed)
-            if task.state == DELAYED and self.tasks.get(task.id) is task:
-                self._enqueue(task, front=True)
+        for task in self.queue.due(now):
+            self.queue.push(task, front=True)
         self.dispatch()
 
     def status(self) -> dict[str, Any]:
@@ -552,9 +447,9 @@ class SchedulerState:
                 for w in self.workers.values()],
             "clients": len(self.clients),
             "evicted_or_refused_clients": self.refused_clients,
-            "queued": self.n_queued,
-            "suspects": self._n_suspects,
-            "delayed": len(self._delayed),
+            "queued": len(self.queue),
+            "suspects": self.queue.n_suspects,
+            "delayed": self.queue.n_delayed,
             "running": running,
             **vars(self.counters),
         }

@@ -13,11 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import socket
-import threading
 import time
-from collections import deque
 from typing import Any, Callable
 
 import zmq
@@ -26,9 +23,11 @@ from . import transport
 from .config import FabricAddress, WorkerConfig, local_ip_towards
 from .errors import ProtocolError
 from .execution import InlinePolicy, call_sync, check_options, error_entry, result_entry, retry_delay
-from .protocol import MAX_BATCH_BYTES, Kind, Status, decode, decode_call, encode, encode_error
+from .protocol import Kind, Status, decode, decode_call, encode, encode_error
 from .isolation import ChildPool
 from .registry import NotAllowed, Registry
+from .results import ResultRouter
+from .threads import SyncThreads
 from .security import Curve
 from .service import Service
 
@@ -36,17 +35,6 @@ log = logging.getLogger(__name__)
 
 _SCHEDULER_KINDS = (Kind.DISPATCH, Kind.HEARTBEAT, Kind.REGISTER, Kind.CANCEL)
 TICK_S = 0.1
-BACKLOG_RETRY_S = 0.005
-
-
-class _SinkOut:
-    __slots__ = ("sender", "results", "size", "last_used")
-
-    def __init__(self, sender: transport.Sender, now: float) -> None:
-        self.sender = sender
-        self.results: list[Any] = []
-        self.size = 0
-        self.last_used = now
 
 
 class Worker(Service):
@@ -68,21 +56,14 @@ class Worker(Service):
         self._last_hello = float("-inf")
         self._last_heard = time.monotonic()
         self._last_beat = float("-inf")
-        self._running: dict[int, Any] = {}   # task id -> asyncio.Task or sync work item
+        self._running: dict[int, Any] = {}  # task id -> its asyncio.Task, or its sink (a sync call), or None
         self._finished: list[int] = []
         self._credit = 0
         self._n_failed = 0
         self._retries: list[Any] = []
-        self._sinks: dict[str, _SinkOut] = {}
         self._flush_scheduled = False
-        self._threads: list[threading.Thread] = []
-        self._sync_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._sync_pending: dict[int, list[Any]] = {}
-        self._thread_done: deque[tuple[int, str, int, bytes, float | None, Any, float]] = deque()
         self._inline = InlinePolicy()
-        self._wake_pending = False
         self._isolated: ChildPool | None = None
-        self._backlog_retry = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -93,11 +74,9 @@ class Worker(Service):
         self._host = f"{socket.gethostname()}/{ip}"
         self._curve = Curve(self.config.curve, "worker") if self.config.curve is not None else None
         self._hb_ms = int(self.config.timing.heartbeat_s * 1000)
+        self._results = ResultRouter(self.config, self._curve, self._hb_ms, self.bad_input, self._dropped)
         self._connect(address.workers)
-        for i in range(self.config.threads):
-            thread = threading.Thread(target=self._thread_main, name=f"zfabric-sync-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads = SyncThreads(self.config.threads, self._thread_outcome)
         self._hello()
         self._tasks = [asyncio.create_task(self._reader.run(self._stop)), asyncio.create_task(self._ticker())]
         log.info("worker %s joining %s (concurrency %d, threads %d, apps %s)", self.name, address.workers,
@@ -120,19 +99,18 @@ class Worker(Service):
         for task in list(self._running.values()):
             if isinstance(task, asyncio.Task):
                 task.cancel()
-        for _ in self._threads:
-            self._sync_queue.put(None)
+        self._threads.close()
         if self._isolated is not None:
             await self._isolated.close()
-        transport.close_all([self._dealer, *(s.sender.sock for s in self._sinks.values())])
-        self._sinks.clear()
+        transport.close_all([self._dealer])
+        self._results.close()
 
     async def drain(self) -> None:
         """Stop taking work, let running tasks finish within ``grace_s``, hand the rest back, leave."""
         if self._draining:
             return
         self._draining = True
-        handed_back = [tid for tid in list(self._sync_pending) if self._sync_pending.pop(tid, None) is not None]
+        handed_back = self._threads.withdraw_all()
         for tid in handed_back:
             self._running.pop(tid, None)
         self._to_scheduler.send(encode(Kind.DRAIN, self._session, handed_back))
@@ -142,10 +120,9 @@ class Worker(Service):
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # sync-ok: polls the running set until the grace period ends
         self._flush()
-        while any(out.sender.backlog for out in self._sinks.values()) and time.monotonic() < deadline:
-            for out in self._sinks.values():
-                out.sender.flush()
-            await asyncio.sleep(0.05)
+        while self._results.holding and time.monotonic() < deadline:
+            self._results.retry()
+            await asyncio.sleep(0.05)  # sync-ok: polls the held results until the grace period ends
         if self._running:
             left = list(self._running)
             log.warning("worker %s: %d tasks still running after %.1f s grace; handing them back",
@@ -272,10 +249,8 @@ class Worker(Service):
             self._inline.observed(fn, time.perf_counter() - started, inline=True)
             self._sync_outcome(task_id, sink, *outcome)
         else:
-            item = [task_id, sink, tries, fn, args, kwargs, options]
-            self._running[task_id] = item
-            self._sync_pending[task_id] = item
-            self._sync_queue.put(item)
+            self._running[task_id] = sink
+            self._threads.submit(task_id, sink, tries, fn, args, kwargs, options)
 
     async def _run_async(self, task_id: int, sink: str, tries: int, fn: Callable[..., Any], args: list[Any],
                          kwargs: dict[str, Any], options: dict[str, Any]) -> None:
@@ -318,33 +293,10 @@ class Worker(Service):
             return
         self._sync_outcome(task_id, sink, status, data, delay)
 
-    def _thread_main(self) -> None:
-        get, pending, done = self._sync_queue.get, self._sync_pending, self._thread_done
-        while True:
-            item = get()
-            if item is None:
-                return
-            task_id, sink, tries, fn, args, kwargs, options = item
-            if pending.pop(task_id, None) is None:
-                continue  # handed back or cancelled before it started
-            started = time.perf_counter()
-            status, data, delay = call_sync(fn, args, kwargs, options, tries)
-            done.append((task_id, sink, status, data, delay, fn, time.perf_counter() - started))
-            if not self._wake_pending:
-                self._wake_pending = True
-                try:
-                    self._loop.call_soon_threadsafe(self._collect_thread_results)
-                except RuntimeError:  # loop closed during shutdown
-                    return
-
-    def _collect_thread_results(self) -> None:
-        self._wake_pending = False
-        done = self._thread_done
-        observed = self._inline.observed
-        while done:
-            task_id, sink, status, data, delay, fn, seconds = done.popleft()
-            observed(fn, seconds, inline=False)
-            self._sync_outcome(task_id, sink, status, data, delay)
+    def _thread_outcome(self, outcome: tuple[int, str, int, bytes, float | None, Any, float]) -> None:
+        task_id, sink, status, data, delay, fn, seconds = outcome
+        self._inline.observed(fn, seconds, inline=False)
+        self._sync_outcome(task_id, sink, status, data, delay)
 
     def _sync_outcome(self, task_id: int, sink: str, status: int, data: bytes, delay: float | None) -> None:
         if delay is not None:
@@ -357,21 +309,16 @@ class Worker(Service):
             running = self._running.get(task_id)
             if isinstance(running, asyncio.Task):
                 running.cancel()
-            elif running is not None and self._sync_pending.pop(task_id, None) is not None:
-                self._complete(task_id, running[1], Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
+            elif type(running) is str and self._threads.withdraw(task_id):
+                self._complete(task_id, running, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
 
     # ---- outcomes -------------------------------------------------------------------------
 
     def _complete(self, task_id: int, sink: str, status: int, data: bytes, failed: bool = False) -> None:
         self._running.pop(task_id, None)
-        out = self._sinks.get(sink)
-        if out is None:
-            out = self._sink(sink)
-            if out is None:
-                self.counts["results_dropped"] += 1
-                return
-        out.results += (task_id, status, data)
-        out.size += len(data)
+        if not self._results.add(sink, task_id, status, data):
+            self._dropped(1)
+            return
         self._finished.append(task_id)
         self._credit += 1
         if failed:
@@ -379,9 +326,10 @@ class Worker(Service):
             self.counts["failed"] += 1
         else:
             self.counts["done"] += 1
-        if out.size > MAX_BATCH_BYTES:
-            self._send_results(out)
         self._schedule_flush()
+
+    def _dropped(self, n: int) -> None:
+        self.counts["results_dropped"] += n
 
     def _retry(self, task_id: int, delay: float) -> None:
         self._running.pop(task_id, None)
@@ -395,49 +343,10 @@ class Worker(Service):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _sink(self, address: str) -> _SinkOut | None:
-        try:
-            sock = transport.open_push(address, self._curve, linger_ms=2000, sndhwm=16, heartbeat_ms=self._hb_ms)
-        except zmq.ZMQError as exc:
-            self.bad_input("bad sink address", address, str(exc))
-            return None
-        sender = transport.Sender(sock, limit=100_000, limit_bytes=self.config.result_buffer_bytes)
-        out = self._sinks[address] = _SinkOut(sender, time.monotonic())
-        return out
-
-    def _send_results(self, out: _SinkOut) -> None:
-        if out.results:
-            if not out.sender.backlog:
-                out.last_used = time.monotonic()
-            if not out.sender.send(encode(Kind.RESULT, out.results)):
-                self.counts["results_dropped"] += len(out.results) // 3
-            out.results, out.size = [], 0
-            if out.sender.backlog:
-                self._retry_backlogs_soon()
-
-    def _retry_backlogs_soon(self) -> None:
-        if not self._backlog_retry:
-            self._backlog_retry = True
-            self._loop.call_later(BACKLOG_RETRY_S, self._retry_backlogs)
-
-    def _retry_backlogs(self) -> None:
-        """A sink that could not take results: try again every few ms while anything is held."""
-        self._backlog_retry = False
-        held = False
-        now = time.monotonic()
-        for out in self._sinks.values():
-            if out.sender.backlog:
-                if out.sender.flush():
-                    out.last_used = now
-                held = held or bool(out.sender.backlog)
-        if held:
-            self._retry_backlogs_soon()
-
     def _flush(self) -> None:
         """Results to their sinks first, then DONE to the scheduler."""
         self._flush_scheduled = False
-        for out in self._sinks.values():
-            self._send_results(out)
+        self._results.flush()
         if self._finished or self._retries or self._credit:
             self._reader.wake()  # a send on the DEALER can swallow its read edge
             self._done_seq += 1
@@ -464,13 +373,5 @@ class Worker(Service):
                 self.registered.clear()
                 self._hello()
             self._reader.wake()
-            for address, out in list(self._sinks.items()):
-                if now - out.last_used > self.config.sink_idle_s:
-                    if out.sender.backlog:
-                        log.warning("worker %s: sink %s has not read for %.0f s; dropping %d result batches "
-                                    "(its client will ask for those tasks again)", self.name, address,
-                                    now - out.last_used, len(out.sender.backlog))
-                        self.counts["results_dropped"] += out.sender.clear()
-                    out.sender.sock.close()
-                    del self._sinks[address]
+            self._results.close_idle(now)
             await asyncio.sleep(TICK_S)

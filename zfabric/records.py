@@ -1,0 +1,66 @@
+"""What the scheduler knows of each task, worker and client (layer 3: plain data, no logic).
+
+The rule it keeps: these are records, not actors; only `scheduling` changes them.
+A task is in exactly one state: QUEUED, SUSPECT (queued apart, see `queueing`),
+DELAYED (a retry's back-off), RUNNING (on `worker`), or GONE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QUEUED, RUNNING, DELAYED, SUSPECT, GONE = 0, 1, 2, 3, -1
+
+
+class Task:
+    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths")
+
+    def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes) -> None:
+        self.id = task_id
+        self.client = client
+        self.sink = sink
+        self.priority = priority
+        self.payload = payload
+        self.state = QUEUED
+        self.worker: WorkerRecord | None = None
+        self.tries = 0
+        self.deaths = 0
+
+
+@dataclass(eq=False)
+class WorkerRecord:
+    wid: bytes
+    name: str
+    session: int
+    free: int
+    pid: int
+    host: str
+    last_seen: float
+    tasks: set[Task] = field(default_factory=set)
+    suspect: Task | None = None
+    dispatch_seq: int = 0
+    done_seq: int = 0
+    draining: bool = False
+    done: int = 0
+
+
+@dataclass(eq=False)
+class ClientRecord:
+    cid: bytes
+    sink: str
+    last_seen: float
+    tasks: set[Task] = field(default_factory=set)
+    accepted: list[int] = field(default_factory=list)  # acknowledged in batches by `tick`
+
+
+@dataclass
+class Counters:
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    rejected: int = 0
+    redelivered: int = 0
+    lost: int = 0
+    cancelled: int = 0
+    duplicates: int = 0
+    retried: int = 0
