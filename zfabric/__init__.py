@@ -5,7 +5,8 @@
         values = await client.map(myapp.tasks.inc, range(1000))
 """
 
-from .client import Client, Submitter
+from .client import Client
+from .submitter import Submitter
 from .config import ClientConfig, CurveConfig, SchedulerConfig, Timing, WorkerConfig
 from .errors import (ConfigError, FabricError, FabricUnreachable, ProtocolError, SubmitError, TaskCancelled,
                      TaskError, TaskRejected, TaskTimeout, WorkerLost)

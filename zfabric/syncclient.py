@@ -11,7 +11,8 @@ import concurrent.futures
 import threading
 from typing import Any, Iterable
 
-from .client import Client, TaskRef
+from .client import Client
+from .submitter import TaskRef
 from .config import ClientConfig
 from .handle import Handle
 

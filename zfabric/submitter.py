@@ -1,0 +1,69 @@
+"""Submission with options, and `map`/`imap` over an iterable (layer 4: imports execution, handle).
+
+The rule it keeps: submission options live on a `Submitter`, never among
+the task's own keyword arguments, so `fn(timeout_s=...)` always reaches `fn`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
+
+from .errors import ConfigError
+from .execution import check_options
+from .handle import Handle
+
+if TYPE_CHECKING:
+    from .client import Client
+
+TaskRef = Callable[..., Any] | str
+"""A function object, or its ``"module:function"`` name."""
+
+
+class Submitter:
+    """Submission with options, e.g. ``client.options(timeout_s=5, retries=2, priority=1).submit(fn, x)``.
+
+    Options never mix with the task's own keyword arguments.
+    ``priority`` (int, higher first), ``timeout_s``, ``retries``, ``retry_on``
+    (exception class names), ``backoff_s``.
+    """
+
+    def __init__(self, client: "Client", priority: int = 0, **options: Any) -> None:
+        if type(priority) is not int:
+            raise ConfigError(f"priority must be an int, got {type(priority).__name__}")
+        if "retry_on" in options:
+            options["retry_on"] = [c if isinstance(c, str) else c.__name__ for c in options["retry_on"]]
+        problem = check_options(options)
+        if problem:
+            raise ConfigError(problem)
+        self._client = client
+        self._priority = priority
+        self._options = options
+
+    def submit(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> Handle:
+        return self._client._submit(fn, args, kwargs, self._options, self._priority)
+
+    async def submit_wait(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> Handle:
+        await self._client._wait_for_room()
+        return self.submit(fn, *args, **kwargs)
+
+    async def map(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None) -> list[Any]:
+        return [value async for value in self.imap(fn, *iterables, window=window)]
+
+    async def imap(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None) -> AsyncIterator[Any]:
+        """Results in input order, keeping at most `window` tasks outstanding (the iterable may be lazy)."""
+        window = window or self._client.config.window
+        name = self._client._name(fn)
+        pending: deque[Handle] = deque()
+        items = iter(zip(*iterables)) if len(iterables) != 1 else ((x,) for x in iterables[0])
+        submit = self._client._submit
+        try:
+            for args in items:
+                pending.append(submit(name, args, {}, self._options, self._priority))
+                if len(pending) >= window:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for handle in pending:
+                handle.cancel()
