@@ -271,7 +271,9 @@ def status(address: str, as_json: bool, timeout_s: float, curve_dir: str | None,
                f"clients {info['clients']}")
     click.echo(f"tasks: queued {info['queued']}  running {info['running']}  delayed {info['delayed']}  "
                f"done {info['done']}  failed {info['failed']}  redelivered {info['redelivered']}  "
-               f"lost {info['lost']}  rate {info.get('rate_per_s', 0):.0f}/s")
+               f"lost {info['lost']}")
+    click.echo(f"rates (last 5 s): done {info.get('rate_per_s', 0):,.0f}/s  submitted "
+               f"{info.get('submit_rate_per_s', 0):,.0f}/s")
     click.echo(f"workers: {len(info['workers'])}")
     for w in info["workers"]:
         click.echo(f"  {w['name']:<28} pid {w['pid']:<7} host {w['host']:<16} running {w['running']:<6} "

@@ -46,6 +46,7 @@ class Scheduler(Service):
         self._worker_backlog: dict[bytes, deque[bytes]] = {}
         self._started = time.monotonic()
         self.dropped_to_clients = 0
+        self._rate_samples: deque[tuple[float, int, int]] = deque(maxlen=int(5 / TICK_S))  # the last 5 s
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class Scheduler(Service):
         assert state is not None
         while not self._stop.is_set():
             state.tick(time.monotonic())
+            self._rate_samples.append((time.monotonic(), state.counters.done, state.counters.submitted))
             self._flush_outbox()
             self._retry_worker_backlogs()
             for sender in self._sinks.values():
@@ -252,4 +254,8 @@ class Scheduler(Service):
         status["uptime_s"] = round(time.monotonic() - self._started, 3)
         status["bad_input"] = dict(self.bad_input.counts)
         status["dropped_to_clients"] = self.dropped_to_clients
+        if len(self._rate_samples) >= 2:
+            (t0, done0, sub0), (t1, done1, sub1) = self._rate_samples[0], self._rate_samples[-1]
+            status["rate_per_s"] = round((done1 - done0) / max(t1 - t0, 1e-9), 1)
+            status["submit_rate_per_s"] = round((sub1 - sub0) / max(t1 - t0, 1e-9), 1)
         return status
