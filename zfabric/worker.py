@@ -139,6 +139,8 @@ class Worker(Service):
     # ---- scheduler link -------------------------------------------------------------------
 
     def _hello(self) -> None:
+        if self._finished or self._retries:
+            self._flush()  # report what finished under the old session first: it need not run again
         self._session += 1
         self._dispatch_seq = 0
         self._done_seq = 0
