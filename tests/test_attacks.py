@@ -812,10 +812,10 @@ async def test_socket_attacks_on_every_port(hostile: HostileFabric, capsys: pyte
         final = await client.status()
         assert len(final["workers"]) == 2
 
-    for kind in ("bad intake message", "multi-frame intake message", "malformed task entry",
+    for kind in ("bad intake message", "bad intake envelope", "malformed task entry",
                  "bad worker message", "bad worker envelope"):
         assert bad.get(kind, 0) > bad_before.get(kind, 0), (kind, bad)
-    assert sink_bad.get("bad sink message") and sink_bad.get("multi-frame message"), sink_bad
+    assert sink_bad.get("bad sink message") and sink_bad.get("bad sink envelope"), sink_bad
 
     out = await asyncio.to_thread(subprocess.run, zfabric_cmd("status", hostile.address), capture_output=True,
                                   text=True, cwd=ROOT, timeout=60)

@@ -22,9 +22,9 @@ import zmq
 
 from . import transport
 from .config import ClientConfig, FabricAddress, local_ip_towards
-from .errors import FabricUnreachable, ProtocolError, SubmitError, TaskRejected
+from .errors import FabricUnreachable, SubmitError, TaskRejected
 from .handle import DONE, SENT, WAITING, Handle
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, decode, encode, encode_call, describe_unencodable
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, encode, encode_call, describe_unencodable
 from .registry import function_name
 from .submitter import Submitter, TaskRef
 from .security import Curve
@@ -298,15 +298,7 @@ class Client(Submitter, Service):
     def _on_sink(self, batch: list[list[bytes]]) -> None:
         self._last_heard = time.monotonic()
         handles = self._handles
-        for frames in batch:
-            if len(frames) != 1:
-                self.bad_input("multi-frame message", "", f"{len(frames)} frames")
-                continue
-            try:
-                kind, f = decode(frames[0], expect=_SINK_KINDS)
-            except ProtocolError as exc:
-                self.bad_input("bad sink message", "", str(exc))
-                continue
+        for _, kind, f in transport.messages(batch, _SINK_KINDS, self.bad_input, "sink"):
             if kind == Kind.RESULT:
                 flat = f[0]
                 for i in range(0, len(flat) - 2, 3):

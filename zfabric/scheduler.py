@@ -20,8 +20,8 @@ import zmq
 
 from . import transport
 from .config import FabricAddress, SchedulerConfig
-from .errors import ConfigError, ProtocolError
-from .protocol import Kind, decode, encode
+from .errors import ConfigError
+from .protocol import Kind, encode
 from .scheduling import SchedulerState
 from .security import Curve
 from .service import Service
@@ -99,15 +99,7 @@ class Scheduler(Service):
         state = self.state
         assert state is not None
         now = time.monotonic()
-        for frames in batch:
-            if len(frames) != 1:
-                self.bad_input("multi-frame intake message", "", f"{len(frames)} frames")
-                continue
-            try:
-                kind, f = decode(frames[0], expect=_INTAKE_KINDS)
-            except ProtocolError as exc:
-                self.bad_input("bad intake message", "", str(exc))
-                continue
+        for _, kind, f in transport.messages(batch, _INTAKE_KINDS, self.bad_input, "intake"):
             if kind == Kind.SUBMIT:
                 if state.submit(f[0], f[1], f[2], f[3], now):
                     self.bad_input("malformed task entry", f[0].hex(), "not [id, priority, payload]")
@@ -130,16 +122,7 @@ class Scheduler(Service):
         state = self.state
         assert state is not None
         now = time.monotonic()
-        for frames in batch:
-            if len(frames) != 2:
-                self.bad_input("bad worker envelope", "", f"{len(frames)} frames")
-                continue
-            wid, body = frames
-            try:
-                kind, f = decode(body, expect=_WORKER_KINDS)
-            except ProtocolError as exc:
-                self.bad_input("bad worker message", wid.hex(), str(exc))
-                continue
+        for wid, kind, f in transport.messages(batch, _WORKER_KINDS, self.bad_input, "worker", routed=True):
             if kind == Kind.DONE:
                 state.worker_done(wid, f[0], f[1], f[2], f[3], f[4], f[5], now)
             elif kind == Kind.WORKER_HEARTBEAT:

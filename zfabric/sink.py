@@ -17,12 +17,14 @@ import zmq
 
 from . import transport
 from .errors import ConfigError, ProtocolError
-from .protocol import Kind, Status, decode, decode_error, decode_value
+from .protocol import Kind, Status, decode_error, decode_value
 from .config import CurveConfig
 from .security import Curve
 from .service import Service
 
 log = logging.getLogger(__name__)
+
+_SINK_KINDS = (Kind.RESULT, Kind.WELCOME, Kind.ACCEPTED, Kind.HEARTBEAT, Kind.REJECTED, Kind.MISSING)
 
 
 def to_json(value: Any) -> Any:
@@ -73,13 +75,7 @@ class Sink(Service):
         self.out.flush()
 
     def _on_batch(self, batch: list[list[bytes]]) -> None:
-        for frames in batch:
-            try:
-                kind, fields = decode(frames[-1], expect=(Kind.RESULT, Kind.WELCOME, Kind.ACCEPTED, Kind.HEARTBEAT,
-                                                          Kind.REJECTED))
-            except ProtocolError as exc:
-                self.bad_input("bad message", "", str(exc))
-                continue
+        for _, kind, fields in transport.messages(batch, _SINK_KINDS, self.bad_input, "sink"):
             if kind == Kind.RESULT:
                 self._write(fields[0])
         self.out.flush()

@@ -16,11 +16,12 @@ import ctypes.util
 import logging
 import os
 from collections import Counter, deque
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import zmq
 
-from .protocol import MAX_FRAME_BYTES, MAX_FRAMES
+from .errors import ProtocolError
+from .protocol import MAX_FRAME_BYTES, MAX_FRAMES, Kind, decode
 from .security import Curve, check_versions, split_sink
 
 log = logging.getLogger(__name__)
@@ -279,3 +280,23 @@ class BadInput:
                         self.component, what, peer or "an unknown peer", detail)
 
 
+
+
+def messages(batch: list[list[bytes]], expect: Sequence[Kind], bad_input: BadInput, name: str,
+             routed: bool = False) -> Iterator[tuple[bytes, Kind, list[Any]]]:
+    """The valid messages of a batch as (peer routing id or b"", kind, fields); the rest counted as bad input.
+
+    A message is one frame, or with `routed` (a ROUTER) a routing id and one frame.
+    """
+    want = 2 if routed else 1
+    for frames in batch:
+        peer = frames[0] if routed and frames else b""
+        if len(frames) != want:
+            bad_input(f"bad {name} envelope", peer.hex(), f"{len(frames)} frames, expected {want}")
+            continue
+        try:
+            kind, fields = decode(frames[-1], expect=expect)
+        except ProtocolError as exc:
+            bad_input(f"bad {name} message", peer.hex(), str(exc))
+            continue
+        yield peer, kind, fields

@@ -23,7 +23,7 @@ from . import transport
 from .config import FabricAddress, WorkerConfig, local_ip_towards
 from .errors import ProtocolError
 from .execution import InlinePolicy, call_sync, check_options, error_entry, result_entry, retry_delay
-from .protocol import Kind, Status, decode, decode_call, encode, encode_error
+from .protocol import Kind, Status, decode_call, encode, encode_error
 from .isolation import ChildPool
 from .registry import NotAllowed, Registry
 from .results import ResultRouter
@@ -156,15 +156,7 @@ class Worker(Service):
     def _on_scheduler(self, batch: list[list[bytes]]) -> None:
         self._last_heard = time.monotonic()
         self._inline.new_batch()
-        for frames in batch:
-            if len(frames) != 1:
-                self.bad_input("multi-frame message", "scheduler", f"{len(frames)} frames")
-                continue
-            try:
-                kind, f = decode(frames[0], expect=_SCHEDULER_KINDS)
-            except ProtocolError as exc:
-                self.bad_input("bad scheduler message", "scheduler", str(exc))
-                continue
+        for _, kind, f in transport.messages(batch, _SCHEDULER_KINDS, self.bad_input, "scheduler"):
             if kind == Kind.DISPATCH:
                 self._on_dispatch(*f)
             elif kind == Kind.HEARTBEAT:
