@@ -126,7 +126,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str = "con
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)  # polling interval, not synchronisation
+        time.sleep(interval)  # sync-ok: polling interval of a deadline wait
 
 
 # --------------------------------------------------------------------------- fixtures

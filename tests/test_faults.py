@@ -665,10 +665,6 @@ async def _one_worker(procs: Procs, address: str, *extra: str) -> subprocess.Pop
 # ---- 9. a worker that leaves while its results for a stalled (living) client are still buffered ------
 
 
-BUFFERED_RESULTS_LOST = (
-    "a worker reports a task DONE to the scheduler as soon as its result is queued for the sink "
-    "(worker.py _complete/_flush), so results still buffered in a worker that dies (or drains and exits) "
-    "are lost: the scheduler has forgotten the task and the living client waits forever")
 
 
 @pytest.mark.timeout(90)
@@ -716,11 +712,6 @@ async def test_worker_leaving_with_results_buffered_for_a_stalled_client_loses_n
 # ---- 10. a client that stalls for a few seconds, then reads again ---------------------------------------
 
 
-RESULTS_DROPPED_ON_OVERFLOW = (
-    "a worker holds at most result_batches (100) + ZeroMQ's SNDHWM (100) frames per sink, and a sync task's "
-    "result usually travels alone in its frame, so a few seconds' stall overflows it: the overflow is dropped "
-    "(worker.py _send_results) after the task was already reported DONE, so the scheduler forgets it and the "
-    "living client waits forever")
 
 
 @pytest.mark.timeout(60)
