@@ -64,12 +64,12 @@ def local_ip_towards(host: str) -> str:
     """The local interface address that routes to `host` (no packet is sent: UDP connect only picks a route)."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        resolved = socket.getaddrinfo(host, 9, family, socket.SOCK_DGRAM)[0][4][0]
+        resolved = str(socket.getaddrinfo(host, 9, family, socket.SOCK_DGRAM)[0][4][0])
         if resolved.startswith("127.") or resolved == "::1":
             return resolved
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             probe.connect((resolved, 9))
-            return probe.getsockname()[0]
+            return str(probe.getsockname()[0])
     except OSError:
         return "127.0.0.1"
 

@@ -72,10 +72,11 @@ def check_options(options: dict[str, Any]) -> str | None:
             return f"unknown option {key!r} (known: {', '.join(OPTION_TYPES)})"
         if not isinstance(value, expected) or isinstance(value, bool):
             return f"option {key!r} must be {expected}, got {type(value).__name__}"
-        low, high = OPTION_RANGES.get(key, (None, None))
-        if low is not None and not low <= value <= high:  # also refuses NaN
-            return f"option {key!r} must be between {low:g} and {high:g}, got {value!r}"
-        if key == "retry_on" and not all(type(name) is str and len(name) < 200 for name in value):
+        checked: Any = value  # (isinstance above narrowed `value` to object for the type checker)
+        bounds = OPTION_RANGES.get(key)
+        if bounds is not None and not bounds[0] <= checked <= bounds[1]:  # also refuses NaN
+            return f"option {key!r} must be between {bounds[0]:g} and {bounds[1]:g}, got {checked!r}"
+        if key == "retry_on" and not all(type(name) is str and len(name) < 200 for name in checked):
             return "option 'retry_on' must be a list of exception class names"
     return None
 

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ async def run_until_signalled(start: Callable[[], Awaitable[object]], on_signal:
     parent = die_with_parent()
     try:
         await start()
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(closed())]
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(closed())]
         if parent is not None:
             waiters.append(asyncio.create_task(_parent_gone(parent)))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -39,7 +39,7 @@ def context() -> zmq.Context:
         check_versions()
         _checked = True
         raise_fd_limit()
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         try:  # libzmq allows 1023 sockets by default; a scheduler holds one per client
             import resource
             ctx.set(zmq.MAX_SOCKETS, max(1024, min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)))
@@ -176,7 +176,7 @@ class Reader:
                 self.handle(batch)
             except Exception:  # a bug, not bad input: keep the process serving, say it loudly
                 log.exception("%s: error while handling a batch of %d messages", self.name, len(batch))
-        if len(batch) >= RECV_BATCH or (not self.sock.closed and self.sock.EVENTS & zmq.POLLIN):
+        if len(batch) >= RECV_BATCH or (not self.sock.closed and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN):
             self.wake()  # more is waiting: continue after the loop's other work
 
     def _drain(self) -> list[list[bytes]]:
