@@ -938,6 +938,25 @@ def _dealer(port: int, routing_id: bytes | None, greeting: bytes = b"hello") -> 
     return sock
 
 
+
+def _exit_of(proc: subprocess.Popen[str]) -> tuple[int | None, str]:
+    """The exit code within 15 s (None if still running) and, if it exited, its stderr."""
+    try:
+        code = proc.wait(15)
+    except subprocess.TimeoutExpired:
+        return None, ""
+    return code, proc.stderr.read()  # type: ignore[union-attr]
+
+
+def _close_all(proc: subprocess.Popen[str], socks: list[Any]) -> None:
+    for s in socks:
+        s.close()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    proc.stdout.close()  # type: ignore[union-attr]
+    proc.stderr.close()  # type: ignore[union-attr]
+
 @pytest.mark.timeout(60)
 def test_squat_before_plain_router_aborts(capsys: pytest.CaptureFixture[str]) -> None:
     """Without the mitigation: anonymous peer, squatter on the next automatic id, anonymous peer -> SIGABRT."""
@@ -952,19 +971,9 @@ def test_squat_before_plain_router_aborts(capsys: pytest.CaptureFixture[str]) ->
         socks.append(_dealer(port, auto_id(1)))
         squatter = proc.stdout.readline().strip()
         socks.append(_dealer(port, None))
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            code = None
-        stderr = "" if code is None else proc.stderr.read()
+        code, stderr = _exit_of(proc)
     finally:
-        for s in socks:
-            s.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
+        _close_all(proc, socks)
     report(capsys, f"squat BEFORE (plain pyzmq ROUTER, {zmq.zmq_version()}): first automatic id {first}, squatter "
                    f"{squatter}; exit {code} ({'SIGABRT' if code == -signal.SIGABRT else 'no abort'}) "
                    f"{stderr.strip()!r}")
@@ -1000,19 +1009,9 @@ def test_squat_before_zfabric_scheduler_without_the_seed_aborts(capsys: pytest.C
     try:
         address = read_line_matching(proc, r"(tcp://[0-9.]+:\d+)", 30).group(1)
         squat(port_of(address) + 1, socks)
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            code = None
-        stderr = "" if code is None else proc.stderr.read()  # type: ignore[union-attr]
+        code, stderr = _exit_of(proc)
     finally:
-        for s in socks:
-            s.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
+        _close_all(proc, socks)
     tail = [x for x in stderr.splitlines() if "Assertion" in x]
     report(capsys, f"squat BEFORE (zfabric scheduler, seed_libc_rand disabled): exit {code} {tail}")
     if code is None:

@@ -662,9 +662,35 @@ async def _one_worker(procs: Procs, address: str, *extra: str) -> subprocess.Pop
     return proc
 
 
-# ---- 9. a worker that leaves while its results for a stalled (living) client are still buffered ------
+# ---- 9 and 10: a client process that stalls (SIGSTOP) while its results are produced ---------------------
 
 
+async def stall_client_until_all_produced(procs: Procs, observer: zfabric.Client, address: str, fn: str, n: int,
+                                          args: list[Any]) -> subprocess.Popen[str]:
+    """Start a client process submitting `n` tasks, SIGSTOP it once all are accepted, and return when the
+    workers have produced every result (so they are buffered for, or dropped by, a sink nobody reads)."""
+    child = procs.client_script(address, fn, n, args)
+    await asyncio.to_thread(read_line_matching, child, r"^SUBMITTED", 60)
+
+    async def counter_reached(key: str) -> bool:
+        st = await status(observer, 5.0)
+        return st is not None and st[key] >= n
+
+    await async_wait_for(lambda: counter_reached("submitted"), 30, "the child's tasks accepted")
+    child.send_signal(signal.SIGSTOP)  # alive, but its sink stops reading: a GC pause, a suspended laptop
+    await async_wait_for(lambda: counter_reached("done"), 60, "the workers to produce every result")
+    return child
+
+
+async def resume_and_count(child: subprocess.Popen[str]) -> tuple[int, int, int]:
+    """SIGCONT the client and let it wait up to 8 s for its results: (done, ok, duplicates dropped)."""
+    child.send_signal(signal.SIGCONT)
+    assert child.stdin is not None
+    child.stdin.write("8\n")
+    child.stdin.flush()
+    m = await asyncio.to_thread(read_line_matching, child, r"^RESULT done=(\d+) ok=(\d+) duplicates=(\d+)", 60)
+    done, ok, dups = (int(x) for x in m.groups())
+    return done, ok, dups
 
 
 @pytest.mark.timeout(90)
@@ -674,34 +700,15 @@ async def test_worker_leaving_with_results_buffered_for_a_stalled_client_loses_n
     address = f"tcp://{LOOPBACK}:{free_port_pair()}"
     await procs.scheduler(address, "--client-timeout-s", "120")
     leaving, staying = await procs.workers(address, 2, "--grace-s", "5")
-    n, size = 10_000, 10_000
+    n = 10_000
     async with zfabric.Client(address, timeout_s=60) as observer:
-        child = procs.client_script(address, f"{TASKS}:ablob", n, [size, 1.0])
-        await asyncio.to_thread(read_line_matching, child, r"^SUBMITTED", 60)
-
-        async def all_accepted() -> bool:
-            st = await status(observer, 2.0)
-            return st is not None and st["submitted"] >= n
-
-        await async_wait_for(all_accepted, 30, "the child's tasks accepted")
-        child.send_signal(signal.SIGSTOP)  # alive, but its sink stops reading
-
-        async def all_produced() -> bool:
-            st = await status(observer, 5.0)
-            return st is not None and st["done"] >= n
-
-        await async_wait_for(all_produced, 60, "the workers to produce every result")
+        child = await stall_client_until_all_produced(procs, observer, address, f"{TASKS}:ablob", n, [10_000, 1.0])
         if how == "sigkill":
             leaving.kill()
         else:
             leaving.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(leaving.wait, 30)
-        child.send_signal(signal.SIGCONT)
-        assert child.stdin is not None
-        child.stdin.write("8\n")
-        child.stdin.flush()
-        m = await asyncio.to_thread(read_line_matching, child, r"^RESULT done=(\d+) ok=(\d+) duplicates=(\d+)", 60)
-        done, ok, dups = (int(x) for x in m.groups())
+        done, ok, dups = await resume_and_count(child)
         st = await status(observer)
         figures(f"buffered_results_{how}", tasks=n, done=done, ok=ok, lost=n - ok, duplicates_dropped=dups,
                 worker_exit=code, scheduler_held=st and st["queued"] + st["running"])
@@ -709,41 +716,17 @@ async def test_worker_leaving_with_results_buffered_for_a_stalled_client_loses_n
         assert staying.poll() is None
 
 
-# ---- 10. a client that stalls for a few seconds, then reads again ---------------------------------------
-
-
-
-
 @pytest.mark.timeout(60)
 async def test_client_stalled_for_seconds_gets_every_result_when_it_reads_again(procs: Procs) -> None:
     address = f"tcp://{LOOPBACK}:{free_port_pair()}"
     await procs.scheduler(address, "--client-timeout-s", "120")
     await procs.workers(address, 2)
-    n, size = 20_000, 10_000
+    n = 20_000
     async with zfabric.Client(address, timeout_s=60) as observer:
-        child = procs.client_script(address, f"{TASKS}:sblob", n, [size, 0.001])
-        await asyncio.to_thread(read_line_matching, child, r"^SUBMITTED", 60)
-
-        async def all_accepted() -> bool:
-            st = await status(observer, 2.0)
-            return st is not None and st["submitted"] >= n
-
-        await async_wait_for(all_accepted, 30, "the child's tasks accepted")
-        child.send_signal(signal.SIGSTOP)  # a stall: GC pause, swapped out, a suspended laptop
-        stopped = time.monotonic()
-
-        async def all_produced() -> bool:
-            st = await status(observer, 5.0)
-            return st is not None and st["done"] >= n
-
-        await async_wait_for(all_produced, 45, "the workers to produce every result")
-        stalled_s = time.monotonic() - stopped
-        child.send_signal(signal.SIGCONT)
-        assert child.stdin is not None
-        child.stdin.write("8\n")
-        child.stdin.flush()
-        m = await asyncio.to_thread(read_line_matching, child, r"^RESULT done=(\d+) ok=(\d+) duplicates=(\d+)", 60)
-        done, ok, dups = (int(x) for x in m.groups())
+        started = time.monotonic()
+        child = await stall_client_until_all_produced(procs, observer, address, f"{TASKS}:sblob", n, [10_000, 0.001])
+        stalled_s = time.monotonic() - started  # submitting, then stopped while every result is produced
+        done, ok, dups = await resume_and_count(child)
         st = await status(observer)
         figures("stalled_client", tasks=n, stalled_s=stalled_s, ok=ok, lost=n - ok, duplicates_dropped=dups,
                 scheduler_held=st and st["queued"] + st["running"])
