@@ -204,10 +204,12 @@ class Client(Submitter, Service):
         self._handles[handle.id] = handle
         self._outbox.append(handle)
         if len(self._outbox) >= MAX_BATCH_TASKS and self._in_scheduler < self.config.window:
-            self._pump()  # a full batch goes now, so the fabric works while the caller is still submitting
+            self._send_waiting()  # a full batch goes now, so the fabric works while the caller is still submitting
         elif not self._pump_scheduled:
             self._pump_scheduled = True
             self._loop.call_soon(self._pump)
+            if len(self._outbox) == 1:
+                self._send_waiting()  # a lone task goes at once; what follows it in this turn is batched
         return handle
 
     async def _wait_for_room(self) -> None:
@@ -225,12 +227,15 @@ class Client(Submitter, Service):
                 self._loop.call_soon(self._pump)
 
     def _pump(self) -> None:
-        """Send waiting tasks while the window has room, many per frame."""
+        self._pump_scheduled = False
+        self._send_waiting()
+
+    def _send_waiting(self) -> None:
+        """Send cancellations, and waiting tasks while the window has room, many per frame."""
         if self._cancels:
             cancels, self._cancels = self._cancels, []
             self._to_scheduler.send(encode(Kind.CANCEL, self._client_id, self.sink_address, cancels))
         if not self._welcomed.is_set():
-            self._pump_scheduled = False
             return
         room = self.config.window - self._in_scheduler
         outbox = self._outbox
@@ -250,7 +255,6 @@ class Client(Submitter, Service):
                 self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
         if len(outbox) < self.config.max_backlog:
             self._room.set()
-        self._pump_scheduled = False
 
     def _resubmit_all(self) -> None:
         sent = [h for h in self._handles.values() if h.state == SENT]

@@ -140,8 +140,8 @@ class Scheduler(Service):
     def _flush_outbox(self) -> None:
         state = self.state
         assert state is not None
-        if state.outbox:
-            self._readers[1].wake()  # sends on the ROUTER can swallow its read edge
+        if not state.outbox:
+            return
         while state.outbox:
             outbox, state.outbox = state.outbox, []
             outbox.sort(key=lambda out: out[0] != "worker")  # dispatches first: they are on the latency path
@@ -154,6 +154,7 @@ class Scheduler(Service):
                     sender = self._sinks.pop(dest, None)
                     if sender is not None:
                         sender.sock.close()
+        self._readers[1].after_send()
 
     def _send_worker(self, wid: bytes, frame: bytes) -> None:
         backlog = self._worker_backlog.get(wid)

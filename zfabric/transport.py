@@ -27,6 +27,8 @@ from .security import Curve, check_versions, split_sink
 log = logging.getLogger(__name__)
 
 RECV_BATCH = 2000
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)  # plain ints: the enum operators cost microseconds on every check
 """Messages taken from one socket before yielding to the loop."""
 
 
@@ -137,7 +139,7 @@ class Reader:
     it reschedules itself so other sockets get a turn) and handles the batch
     at once. The FD is edge-triggered and any send on the same socket may
     consume the edge that announced new input: whoever sends on it must call
-    `wake()` afterwards, so the reader looks again.
+    `after_send()` afterwards, so the reader looks again if input is waiting.
     """
 
     def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str,
@@ -150,9 +152,18 @@ class Reader:
         self._scheduled = False
 
     def wake(self) -> None:
+        """Look at the socket soon, whatever its FD says."""
         if self._loop is not None and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._on_readable)
+
+    def after_send(self) -> None:
+        """Call after sending on this socket: a send may have consumed the edge announcing input."""
+        if not self._scheduled and self._has_input():
+            self.wake()
+
+    def _has_input(self) -> bool:
+        return not self.sock.closed and bool(self.sock.getsockopt(_EVENTS) & _POLLIN)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the socket until `stop` is set."""
@@ -176,7 +187,7 @@ class Reader:
                 self.handle(batch)
             except Exception:  # a bug, not bad input: keep the process serving, say it loudly
                 log.exception("%s: error while handling a batch of %d messages", self.name, len(batch))
-        if len(batch) >= RECV_BATCH or (not self.sock.closed and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN):
+        if len(batch) >= RECV_BATCH or self._has_input():
             self.wake()  # more is waiting: continue after the loop's other work
 
     def _drain(self) -> list[list[bytes]]:

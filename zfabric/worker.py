@@ -23,7 +23,7 @@ from . import transport
 from .config import FabricAddress, WorkerConfig, local_ip_towards
 from .errors import ProtocolError
 from .execution import InlinePolicy, call_sync, check_options, error_entry, result_entry, retry_delay
-from .protocol import Kind, Status, decode_call, encode, encode_error
+from .protocol import MAX_BATCH_TASKS, Kind, Status, decode_call, encode, encode_error
 from .isolation import ChildPool
 from .registry import NotAllowed, Registry
 from .results import ResultRouter
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 _SCHEDULER_KINDS = (Kind.DISPATCH, Kind.HEARTBEAT, Kind.REGISTER, Kind.CANCEL)
 TICK_S = 0.1
+DONE_LINGER_S = 0.01
+"""A DONE the scheduler does not need yet (it still sees over half this worker's slots free and nothing is
+to be retried) waits up to this long, gathering more: one message per many tasks, and none on the path
+of a lone task's latency."""
 
 
 class Worker(Service):
@@ -62,6 +66,8 @@ class Worker(Service):
         self._n_failed = 0
         self._retries: list[Any] = []
         self._flush_scheduled = False
+        self._done_waiting = False
+        self._handling = False
         self._inline = InlinePolicy()
         self._isolated: ChildPool | None = None
 
@@ -113,7 +119,7 @@ class Worker(Service):
         handed_back = self._threads.withdraw_all()
         for tid in handed_back:
             self._running.pop(tid, None)
-        self._to_scheduler.send(encode(Kind.DRAIN, self._session, handed_back))
+        self._tell_scheduler(encode(Kind.DRAIN, self._session, handed_back))
         log.info("worker %s draining: %d tasks handed back, %d running", self.name, len(handed_back),
                  len(self._running))
         deadline = time.monotonic() + self.config.grace_s
@@ -131,8 +137,8 @@ class Worker(Service):
                 if isinstance(task, asyncio.Task):
                     task.cancel()
             self._running.clear()
-            self._to_scheduler.send(encode(Kind.DRAIN, self._session, left))
-        self._to_scheduler.send(encode(Kind.WORKER_BYE, self._session))
+            self._tell_scheduler(encode(Kind.DRAIN, self._session, left))
+        self._tell_scheduler(encode(Kind.WORKER_BYE, self._session))
         self._to_scheduler.flush()
         self._stop.set()
 
@@ -148,14 +154,25 @@ class Worker(Service):
         self._finished, self._retries, self._credit, self._n_failed = [], [], 0, 0
         free = 0 if self._draining else max(0, self.config.concurrency - len(self._running))
         self._to_scheduler.backlog.clear()
-        if hasattr(self, "_reader"):
-            self._reader.wake()
-        self._to_scheduler.send(encode(Kind.WORKER_HELLO, self.name, self._session, free, list(self._running),
+        self._tell_scheduler(encode(Kind.WORKER_HELLO, self.name, self._session, free, list(self._running),
                                        os.getpid(), self._host))
+
+    def _tell_scheduler(self, frame: bytes) -> None:
+        self._to_scheduler.send(frame)
+        self._reader.after_send()  # a send on the DEALER can swallow its read edge
 
     def _on_scheduler(self, batch: list[list[bytes]]) -> None:
         self._last_heard = time.monotonic()
         self._inline.new_batch()
+        self._handling = True
+        try:
+            self._handle_scheduler(batch)
+        finally:
+            self._handling = False
+        if self._flush_scheduled:
+            self._flush(done_now=False)  # results of inline tasks leave before the loop turns
+
+    def _handle_scheduler(self, batch: list[list[bytes]]) -> None:
         for _, kind, f in transport.messages(batch, _SCHEDULER_KINDS, self.bad_input, "scheduler"):
             if kind == Kind.DISPATCH:
                 self._on_dispatch(*f)
@@ -191,7 +208,7 @@ class Worker(Service):
             for group in groups:
                 if type(group) is list and len(group) == 2 and type(group[1]) is list:
                     back += group[1][0::3]
-            self._to_scheduler.send(encode(Kind.DRAIN, self._session, back))
+            self._tell_scheduler(encode(Kind.DRAIN, self._session, back))
             return
         if seq != self._dispatch_seq + 1:
             log.warning("worker %s: DISPATCH %d after %d; re-registering", self.name, seq, self._dispatch_seq)
@@ -335,16 +352,29 @@ class Worker(Service):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            if not self._handling:  # else `_on_scheduler` flushes when the batch is done
+                self._loop.call_soon(self._flush, False)
 
-    def _flush(self) -> None:
-        """Results to their sinks first, then DONE to the scheduler."""
+    def _flush(self, done_now: bool = True) -> None:
+        """Results to their sinks first, then DONE to the scheduler (unless it can wait)."""
         self._flush_scheduled = False
         self._results.flush()
+        if done_now or not self._done_can_wait():
+            self._send_done()
+        elif not self._done_waiting:
+            self._done_waiting = True
+            self._loop.call_later(DONE_LINGER_S, self._send_done)
+
+    def _done_can_wait(self) -> bool:
+        seen_free = self.config.concurrency - len(self._running) - self._credit  # as the scheduler sees it
+        return (not self._retries and not self._draining and len(self._finished) < MAX_BATCH_TASKS
+                and seen_free > self.config.concurrency // 2)
+
+    def _send_done(self) -> None:
+        self._done_waiting = False
         if self._finished or self._retries or self._credit:
-            self._reader.wake()  # a send on the DEALER can swallow its read edge
             self._done_seq += 1
-            self._to_scheduler.send(encode(Kind.DONE, self._session, self._done_seq, self._credit,
+            self._tell_scheduler(encode(Kind.DONE, self._session, self._done_seq, self._credit,
                                            self._finished, self._n_failed, self._retries))
             self._finished, self._retries, self._credit, self._n_failed = [], [], 0, 0
 
