@@ -200,6 +200,8 @@ class Reader:
                     self.bad_input("message with too many frames", self.name, f"{len(frames)} (limit {MAX_FRAMES})")
                     continue
                 batch.append(frames)
+                if len(batch) == 1 and not self._has_input():
+                    break  # a lone message, the latency case: learn it without a failing receive
         except zmq.Again:
             pass
         return batch
