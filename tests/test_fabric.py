@@ -134,11 +134,33 @@ async def test_options_priority_timeout_and_retries(fabric: Fabric) -> None:
             "timeout_s": 1}
 
 
+async def settled_status(client: zfabric.Client, done_at_least: int) -> dict:
+    """The scheduler's status once it has heard of `done_at_least` finished tasks and holds none: workers
+    report a lone task's DONE up to DONE_LINGER_S late, so a status taken at once may lag its results."""
+    deadline = time.monotonic() + 10
+    status = await client.status()
+    while (status["done"] < done_at_least or status["running"] or status["queued"]) and time.monotonic() < deadline:
+        status = await client.status()
+    return status
+
+
 async def test_status_counts(fabric: Fabric) -> None:
     async with zfabric.Client(fabric.address) as client:
         await client.map(demo_tasks.inc, range(10))
-        status = await client.status()
+        status = await settled_status(client, 10)
         assert len(status["workers"]) == 2 and status["done"] >= 10 and status["address"] == fabric.address
+
+
+async def test_lingering_done_reaches_the_scheduler(fabric: Fabric) -> None:
+    """One task at a time: each result comes back before its DONE leaves the worker, and every DONE
+    still arrives (the scheduler ends holding nothing, every slot free again)."""
+    async with zfabric.Client(fabric.address) as client:
+        before = (await settled_status(client, 0))["done"]
+        for i in range(20):
+            assert await client.submit(demo_tasks.inc, i) == i + 1
+        status = await settled_status(client, before + 20)
+        assert status["done"] == before + 20 and status["running"] == 0
+        assert all(w["running"] == 0 for w in status["workers"])
 
 
 def test_sync_client(fabric: Fabric) -> None:

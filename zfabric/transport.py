@@ -27,9 +27,9 @@ from .security import Curve, check_versions, split_sink
 log = logging.getLogger(__name__)
 
 RECV_BATCH = 2000
+"""Messages taken from one socket before yielding to the loop."""
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)  # plain ints: the enum operators cost microseconds on every check
-"""Messages taken from one socket before yielding to the loop."""
 
 
 _checked = False

@@ -5,7 +5,9 @@ HELLO; every task it finishes (or hands back for a retry) returns one slot in
 its next DONE. `async def` tasks run on this event loop; sync functions run
 in a pool of threads (or inline with ``threads=0``). Results are batched per
 sink and pushed before the DONE that reports them, so the scheduler never
-forgets a task whose result was not sent.
+forgets a task whose result was not sent. A DONE the scheduler does not need
+yet (it still sees most of this worker's slots free) waits up to
+`DONE_LINGER_S`, so a lone task's round trip carries no DONE beside it.
 """
 
 from __future__ import annotations
@@ -169,8 +171,8 @@ class Worker(Service):
             self._handle_scheduler(batch)
         finally:
             self._handling = False
-        if self._flush_scheduled:
-            self._flush(done_now=False)  # results of inline tasks leave before the loop turns
+            if self._flush_scheduled:
+                self._flush(done_now=False)  # results of inline tasks leave before the loop turns
 
     def _handle_scheduler(self, batch: list[list[bytes]]) -> None:
         for _, kind, f in transport.messages(batch, _SCHEDULER_KINDS, self.bad_input, "scheduler"):
