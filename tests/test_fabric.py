@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import stat
 import time
 
 import psutil
@@ -198,9 +200,20 @@ async def test_local_fabric_starts_and_leaves_nothing() -> None:
     async with fabric as client:
         pids = fabric.supervisor.pids()
         assert len(pids) == 3
+        assert fabric.address.startswith("ipc://")  # private to this user: its directory is mode 0700
+        socket_dir = os.path.dirname(fabric.address[len("ipc://"):])
+        assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
         assert await client.map(demo_tasks.inc, range(100)) == list(range(1, 101))
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not os.path.exists(socket_dir)
+
+
+async def test_local_fabric_on_tcp_when_asked() -> None:
+    fabric = zfabric.local(workers=1, app=[TASKS], host="127.0.0.1")
+    async with fabric as client:
+        assert fabric.address.startswith("tcp://127.0.0.1:")
+        assert await client.submit(demo_tasks.inc, 41) == 42
 
 
 def test_bad_addresses_are_refused_clearly() -> None:
