@@ -8,9 +8,10 @@ Peers come from scripts/bench_peers.py (ProcessPoolExecutor, Dask, ipyparallel,
 Ray where installed, and a raw pyzmq pipeline of zfabric's own shape as the
 ceiling); install them with `pip install -e '.[bench]'`. zfabric's figures come
 from `zfabric.bench` (also `zfabric bench`). The run is --repeat rounds, each
-measuring zfabric and then every peer once, so that every system sees the
-machine in the same moods (a shared VM's latency drifts by 2-3x from minute to
-minute); each figure is the median over the rounds. The table is followed by
+measuring zfabric and then every peer once, each in a fresh interpreter, so
+that every system sees the machine in the same moods (a shared VM's latency
+drifts by 2-3x from minute to minute) and none runs in a process another has
+been through; each figure is the median over the rounds. The table is followed by
 ratios and by the floors of the Performance issue.
 Speed is never asserted here: the floors are printed, not enforced.
 """
@@ -18,25 +19,47 @@ Speed is never asserted here: the floors are printed, not enforced.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, HERE)
 
 import bench_peers  # noqa: E402  (a script next to this one)
 
-from zfabric.bench import run_bench  # noqa: E402
+
+
+def fresh(imports: str, expression: str) -> Any:
+    """Evaluate `expression` in a fresh interpreter and return its value (through JSON in a file: peers
+    print to stdout): no system is measured in a process another system's threads, sockets or heap have
+    been through."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        code = f"import json; {imports}\nwith open({out!r}, 'w') as f: json.dump({expression}, f, default=str)"
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
 
 
 def zfabric_run(sizes: bench_peers.Sizes, pending: int, tiny: bool) -> dict[str, Any]:
     print("[bench] zfabric ...", file=sys.stderr, flush=True)
-    return asyncio.run(run_bench(2, sizes.tasks, sizes.sleeps, sizes.latency_samples * 3, pending, quick=tiny))
+    args = (2, sizes.tasks, sizes.sleeps, sizes.latency_samples * 3, pending)
+    return fresh("import asyncio; from zfabric.bench import run_bench",  # type: ignore[no-any-return]
+                 f"asyncio.run(run_bench(*{args!r}, quick={tiny!r}))")
+
+
+def peer_run(name: str, once: bench_peers.Sizes) -> bench_peers.Row:
+    return fresh("import bench_peers",  # type: ignore[no-any-return]
+                 f"bench_peers.run_peer({name!r}, bench_peers.Sizes(**{asdict(once)!r}))")
 
 
 def zfabric_row(runs: list[dict[str, Any]]) -> bench_peers.Row:
@@ -71,8 +94,8 @@ def interleaved(sizes: bench_peers.Sizes, only: list[str], pending: int,
     for round_no in range(1, sizes.repeat + 1):
         print(f"[bench] round {round_no} of {sizes.repeat}", file=sys.stderr, flush=True)
         zf_runs.append(zfabric_run(sizes, pending, tiny))
-        for name, row in zip(only, bench_peers.run_all(once.tasks, once.sleeps, 1, only, sizes=once)):
-            peer_runs[name].append(row)
+        for name in only:
+            peer_runs[name].append(peer_run(name, once))
     return zfabric_row(zf_runs), {name: median_row(rows) for name, rows in peer_runs.items()}
 
 
