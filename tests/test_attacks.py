@@ -386,6 +386,7 @@ def check_invariants(s: SchedulerState) -> None:
         for t in c.tasks:
             assert s.tasks.get(t.id) is t
     assert q.n_ready == n_queued and q.n_suspects == n_suspects  # exact: they decide what gets dispatched
+    s.validate()
     for where, _dest, frame in s.outbox:  # whatever the state machine says is a valid message
         if where != "close":
             assert check_decode(frame) == "accepted"
@@ -451,18 +452,19 @@ def test_fuzz_scheduler_state_machine_with_hostile_fields(capsys: pytest.Capture
 
 @pytest.mark.timeout(60)
 def test_queue_counter_after_stale_done() -> None:
-    """A DONE from a worker the scheduler no longer knows finishes a task that was requeued meanwhile."""
+    """A DONE from a worker the scheduler no longer knows finishes nothing (finding 3): the requeued task
+    stays queued and counted, and the peer is asked to register."""
     s = make_state()
     s.worker_hello(b"w1", "w1", 1, 1, [], 1, "h", 0.0)
     s.submit(b"c1", "tcp://127.0.0.1:9000", "", [1, 0, b"p"], 0.0)
     s.dispatch()
     s.worker_lost(b"w1", "silent")           # requeued: QUEUED, counted in n_queued
-    if not (s.tasks[1].state == QUEUED and s.n_queued == 1):
-        pytest.fail("setup: the task was not requeued")
-    s.worker_done(b"w1", 1, 1, 1, [1], 0, [], 1.0)  # the late DONE of the "dead" worker: task finished
-    if 1 in s.tasks:
-        pytest.fail("setup: the late DONE did not finish the task")
-    assert s.n_queued == 0, f"status 'queued' says {s.n_queued} with no task held"
+    assert s.tasks[1].state == QUEUED and s.n_queued == 1
+    s.outbox.clear()
+    s.worker_done(b"w1", 1, 1, 1, [1], 0, [], 1.0)  # the late DONE of the "dead" worker
+    assert 1 in s.tasks and s.n_queued == 1
+    assert [w for w, _, _ in s.outbox] == ["worker"]  # REGISTER
+    s.validate()
 
 
 @pytest.mark.timeout(60)

@@ -204,12 +204,11 @@ def test_silent_client_is_forgotten_with_its_tasks() -> None:
 def test_drain_hands_back_tasks() -> None:
     s = make()
     s.worker_hello(b"A", "a", 1, 2, [], 1, "h", 0.0)
-    s.worker_hello(b"B", "b", 1, 0, [], 2, "h", 0.0)
     submit(s, [1, 2])
     dispatched(s)
     s.worker_drain(b"A", 1, [2], 0.5)
-    s.workers[b"B"].free = 1
-    s.dispatch()
+    s.worker_hello(b"B", "b", 1, 1, [], 2, "h", 0.6)
+    s.validate()
     assert dispatched(s) == {b"B": [2]}
 
 

@@ -10,7 +10,6 @@ the queue early (cancelled, finished late) is skipped when popped, and
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections import deque
 
@@ -21,7 +20,7 @@ class TaskQueue:
     def __init__(self, tasks: dict[int, Task]) -> None:
         self._tasks = tasks  # the scheduler's index: a popped task not in it is stale
         self._queues: dict[int, deque[Task]] = {}
-        self._levels: list[int] = []  # negated priorities, ascending = highest priority first
+        self._levels: list[int] = []  # a heap of negated priorities: a level is here iff it has a deque
         self.n_ready = 0
         self._suspects: deque[Task] = deque()
         self.n_suspects = 0
@@ -40,7 +39,7 @@ class TaskQueue:
         queue = self._queues.get(task.priority)
         if queue is None:
             queue = self._queues[task.priority] = deque()
-            bisect.insort(self._levels, -task.priority)
+            heapq.heappush(self._levels, -task.priority)
         if front:
             queue.appendleft(task)
         else:
@@ -57,8 +56,7 @@ class TaskQueue:
                 if task.state == QUEUED and tasks.get(task.id) is task:
                     out.append(task)
             if not queue:
-                del self._queues[-self._levels[0]]
-                self._levels.pop(0)
+                del self._queues[-heapq.heappop(self._levels)]
         self.n_ready -= len(out)
         return out
 

@@ -36,7 +36,10 @@ class WorkerRecord:
     pid: int
     host: str
     last_seen: float
+    capacity: int = 0  # slots it announced at registration (free + running): free + len(tasks) never exceeds it
     tasks: set[Task] = field(default_factory=set)
+    orphans: set[int] = field(default_factory=set)  # ids it reported running that no client has resubmitted yet
+    abandoned: set[int] = field(default_factory=set)  # ids running here whose client left: counted when done
     suspect: Task | None = None
     dispatch_seq: int = 0
     done_seq: int = 0

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _INTAKE_KINDS = (Kind.CLIENT_HELLO, Kind.SUBMIT, Kind.CANCEL, Kind.CLIENT_BYE, Kind.STATUS_REQUEST, Kind.AUDIT)
 _WORKER_KINDS = (Kind.WORKER_HELLO, Kind.DONE, Kind.WORKER_HEARTBEAT, Kind.DRAIN, Kind.WORKER_BYE)
 TICK_S = 0.1
+STATUS_SOCKETS = 16
+"""Sockets kept for status replies to addresses that are not a client's sink."""
 
 
 class Scheduler(Service):
@@ -44,6 +46,7 @@ class Scheduler(Service):
         self.bad_input = transport.BadInput("scheduler")
         self._sinks: dict[str, transport.Sender] = {}
         self._worker_backlog: dict[bytes, deque[bytes]] = {}
+        self._status_socks: dict[str, zmq.Socket] = {}
         self._started = time.monotonic()
         self.dropped_to_clients = 0
         self._rate_samples: deque[tuple[float, int, int]] = deque(maxlen=int(5 / TICK_S))  # the last 5 s
@@ -90,7 +93,8 @@ class Scheduler(Service):
     async def stop(self) -> None:
         await self._end_tasks()
         transport.close_all([getattr(self, "_intake", None), getattr(self, "_router", None),
-                             *(s.sock for s in self._sinks.values())])
+                             *(s.sock for s in self._sinks.values()), *self._status_socks.values()])
+        self._status_socks.clear()
         self._sinks.clear()
 
     # ---- input ----------------------------------------------------------------------------
@@ -176,17 +180,28 @@ class Scheduler(Service):
             self.state.worker_lost(wid, "unreachable (EHOSTUNREACH)")
 
     def _reply_status(self, reply_to: str) -> None:
-        try:
-            sock = transport.open_push(reply_to, self._curve, linger_ms=2000, sndhwm=10, heartbeat_ms=1000)
-        except zmq.ZMQError as exc:
-            self.bad_input("status request", reply_to, str(exc))
+        """Answer on the requester's sink. Anyone may ask, so what they can make us open is bounded: a
+        client's own sink is reused, other addresses share `STATUS_SOCKETS` sockets (the oldest is closed,
+        at once, to make room), so a flood of requests naming dead addresses costs no more descriptors."""
+        sender = self._sinks.get(reply_to)
+        if sender is not None:
+            sender.send(encode(Kind.STATUS_REPLY, self.status()))
             return
+        sock = self._status_socks.pop(reply_to, None)
+        if sock is None:
+            while len(self._status_socks) >= STATUS_SOCKETS:
+                oldest = next(iter(self._status_socks))
+                self._status_socks.pop(oldest).close(linger=0)
+            try:
+                sock = transport.open_push(reply_to, self._curve, linger_ms=0, sndhwm=10, heartbeat_ms=1000)
+            except zmq.ZMQError as exc:
+                self.bad_input("status request", reply_to, str(exc))
+                return
+        self._status_socks[reply_to] = sock  # most recently used last
         try:
             sock.send(encode(Kind.STATUS_REPLY, self.status()), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.bad_input("status request", reply_to, str(exc))
-        finally:
-            sock.close()
 
     def _retry_worker_backlogs(self) -> None:
         for wid in list(self._worker_backlog):

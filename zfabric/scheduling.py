@@ -12,17 +12,22 @@ scheduler never sends a worker more tasks than the free slots it announced.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 from typing import Any
 
 from .config import SchedulerConfig
 from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode, encode_error
 from .queueing import TaskQueue
-from .records import GONE, RUNNING, ClientRecord, Counters, Task, WorkerRecord
+from .records import DELAYED, GONE, QUEUED, RUNNING, SUSPECT, ClientRecord, Counters, Task, WorkerRecord
 
 log = logging.getLogger(__name__)
 
 MAX_ORPHANS_PER_WORKER = 100_000
+MAX_ORPHANS = 200_000
+"""Ids reported running by workers and not yet resubmitted, in all: a flood of fake HELLOs cannot grow past it."""
+MAX_SLOTS_PER_WORKER = 1_000_000
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
@@ -41,6 +46,11 @@ class SchedulerState:
         self.outbox: list[Outgoing] = []
         self.queue = TaskQueue(self.tasks)
         self._orphans: dict[int, WorkerRecord] = {}  # running on a worker, not (yet) resubmitted to us
+        # Workers with free slots, most free first: a lazy max-heap of (-free, tiebreak, worker); an entry
+        # is stale unless its worker is live, not draining and still has exactly that many free slots.
+        self._ready: list[tuple[int, int, WorkerRecord]] = []
+        self._tiebreak = itertools.count()
+        self.free_total = 0  # free slots of live, non-draining workers
         self._last_heartbeat = float("-inf")
         self.refused_clients = 0  # evicted to make room, or refused for lack of it
 
@@ -67,6 +77,35 @@ class SchedulerState:
             if worker.suspect is task:
                 worker.suspect = None
             task.worker = None
+
+    def _set_free(self, worker: WorkerRecord, free: int) -> None:
+        """Change a live worker's free slots, keeping `free_total` and the ready heap right."""
+        free = max(0, min(free, worker.capacity - len(worker.tasks)))
+        if not worker.draining:
+            self.free_total += free - worker.free
+        worker.free = free
+        self._offer(worker)
+
+    def _offer(self, worker: WorkerRecord) -> None:
+        if worker.free > 0 and not worker.draining:
+            if len(self._ready) > 4 * len(self.workers) + 64:
+                self._ready = [(-w.free, next(self._tiebreak), w) for w in self.workers.values()
+                               if w.free > 0 and not w.draining]
+                heapq.heapify(self._ready)
+            heapq.heappush(self._ready, (-worker.free, next(self._tiebreak), worker))
+
+    def _remove_worker(self, worker: WorkerRecord) -> None:
+        """Take a worker out of every index (its tasks are the caller's to move)."""
+        if self.workers.get(worker.wid) is worker:
+            del self.workers[worker.wid]
+        if not worker.draining:
+            self.free_total -= worker.free
+        worker.free = 0
+        for task_id in worker.orphans:
+            if self._orphans.get(task_id) is worker:
+                del self._orphans[task_id]
+        worker.orphans.clear()
+        worker.abandoned.clear()
 
     # ---- clients --------------------------------------------------------------------------
 
@@ -157,6 +196,7 @@ class SchedulerState:
     def _adopt(self, task_id: int, client: ClientRecord, sink: str, priority: int, payload: bytes) -> None:
         """A resubmitted task that a worker reported running at (re-)registration: it is still running there."""
         worker = self._orphans.pop(task_id)
+        worker.orphans.discard(task_id)
         task = Task(task_id, client, sink, priority, payload)
         self.tasks[task_id] = task
         client.tasks.add(task)
@@ -179,16 +219,28 @@ class SchedulerState:
     def cancel(self, cid: bytes, ids: list[Any], now: float) -> None:
         client = self.clients.get(cid)
         if client is None:
-            return  # only a task's own client may cancel it
+            return  # only a task's own client may cancel it (its id is a secret no worker sees)
         client.last_seen = now
+        self._cancel_tasks([t for t in (self.tasks.get(i) if type(i) is int else None for i in ids)
+                            if t is not None and t.client is client], client_left=False)
+
+    def _cancel_tasks(self, tasks: "list[Task]", client_left: bool) -> None:
+        """Forget `tasks` and cancel the running ones on their workers.
+
+        When their client left (it may well have its results already: a DONE can linger), a running task
+        is only counted once its worker reports it: done if it finished, nothing if the cancel stopped it.
+        """
         by_worker: dict[bytes, list[int]] = {}
-        for task_id in ids:
-            task = self.tasks.get(task_id) if type(task_id) is int else None
-            if task is None or task.client is not client:
-                continue
-            self.counters.cancelled += 1
-            if task.state == RUNNING and task.worker is not None:
-                by_worker.setdefault(task.worker.wid, []).append(task_id)
+        for task in tasks:
+            worker = task.worker
+            if task.state == RUNNING and worker is not None:
+                by_worker.setdefault(worker.wid, []).append(task.id)
+                if client_left and len(worker.abandoned) < worker.capacity:
+                    worker.abandoned.add(task.id)
+                else:
+                    self.counters.cancelled += 1
+            else:
+                self.counters.cancelled += 1
             self._forget(task)
         for wid, wids in by_worker.items():
             self.outbox.append(("worker", wid, encode(Kind.CANCEL, b"", "", wids)))
@@ -201,7 +253,7 @@ class SchedulerState:
     def _drop_client(self, client: ClientRecord, why: str) -> None:
         (log.info if client.tasks else log.debug)("client %s %s; dropping its %d tasks", client.cid.hex(), why,
                                                   len(client.tasks))
-        self.cancel(client.cid, [t.id for t in client.tasks], client.last_seen)
+        self._cancel_tasks(list(client.tasks), client_left=True)
         del self.clients[client.cid]
         self.outbox.append(("close", client.sink, b""))
 
@@ -211,19 +263,31 @@ class SchedulerState:
                      host: str, now: float) -> None:
         """(Re-)register a worker; tasks we thought it had but it does not run go back to the queue."""
         old = self.workers.get(wid)
+        old_abandoned = set(old.abandoned) if old is not None else set()
         if old is not None:
-            self._forget_orphans(old)
-        worker = WorkerRecord(wid, name, session, max(0, free), pid, host, now)
+            self._remove_worker(old)
+        still_running = {t for t in running[:MAX_SLOTS_PER_WORKER] if type(t) is int}
+        free = max(0, min(free, MAX_SLOTS_PER_WORKER))
+        worker = WorkerRecord(wid, name, session, 0, pid, host, now, capacity=free + len(still_running))
         self.workers[wid] = worker
-        still_running = {t for t in running if type(t) is int}
         if old is not None:
             for task in [t for t in old.tasks if t.id in still_running]:
                 worker.tasks.add(task)
                 task.worker = worker
+                if old.suspect is task:
+                    worker.suspect = task
+            old.tasks.difference_update(worker.tasks)
             self._requeue_all([t for t in old.tasks if t.id not in still_running], died=False)
-        for task_id in list(still_running)[:MAX_ORPHANS_PER_WORKER]:
-            if task_id not in self.tasks:  # e.g. we restarted: adopt it when its client resubmits it
-                self._orphans[task_id] = worker
+            worker.abandoned = {i for i in old_abandoned if i in still_running}
+        room = min(MAX_ORPHANS_PER_WORKER, MAX_ORPHANS - len(self._orphans))
+        for task_id in still_running:
+            if room <= 0:
+                break
+            if task_id not in self.tasks and task_id not in worker.abandoned and task_id not in self._orphans:
+                self._orphans[task_id] = worker  # e.g. we restarted: adopt it when its client resubmits it
+                worker.orphans.add(task_id)
+                room -= 1
+        self._set_free(worker, free)
         log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
         self.outbox.append(("worker", wid, encode(Kind.HEARTBEAT, self.epoch, session, 0)))
         self.dispatch()
@@ -239,19 +303,18 @@ class SchedulerState:
     def worker_done(self, wid: bytes, session: int, seq: int, credit: int, finished: list[Any], n_failed: int,
                     retries: list[Any], now: float) -> None:
         worker = self._known_worker(wid, now)
-        if worker is None or session != worker.session:
+        if worker is None:
+            return  # a peer we do not know finishes nothing: it is asked to register
+        if session != worker.session:
             # A stale session still reports finished tasks: their results reached the client.
-            self._finish(finished)
+            self._finish(worker, finished, n_failed)
             return
         if seq != worker.done_seq + 1:
             log.warning("worker %s: DONE %d after %d, messages were lost; asking it to re-register",
                         wid.hex(), seq, worker.done_seq)
             self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
         worker.done_seq = seq
-        worker.free += max(0, credit)
-        worker.done += len(finished)
-        self.counters.failed += max(0, n_failed)
-        self._finish(finished)
+        worker.done += self._finish(worker, finished, n_failed)
         for i in range(0, len(retries) - 1, 2):
             task = self.tasks.get(retries[i]) if type(retries[i]) is int else None
             delay = retries[i + 1]
@@ -261,26 +324,36 @@ class SchedulerState:
             task.tries += 1
             self.counters.retried += 1
             self.queue.delay(task, now + max(0.0, min(float(delay), 3600.0)))
+        self._set_free(worker, worker.free + max(0, min(credit, MAX_SLOTS_PER_WORKER)))
         self.dispatch()
 
-    def _finish(self, finished: list[Any]) -> None:
+    def _finish(self, worker: WorkerRecord, finished: list[Any], n_failed: Any) -> int:
+        """Finish the tasks of `finished` that run on `worker` (nobody else's); returns how many."""
         tasks = self.tasks
         n = 0
-        orphans = self._orphans
         for task_id in finished:
             if type(task_id) is not int:
                 continue
-            task = tasks.pop(task_id, None)
-            if task is None:
-                if orphans:
-                    orphans.pop(task_id, None)
-                continue
-            n += 1
-            self.queue.discard(task)  # it may be queued again: a late DONE from a worker declared lost
-            task.state = GONE
-            task.client.tasks.discard(task)
-            self._detach(task)
-        self.counters.done += n
+            task = tasks.get(task_id)
+            if task is not None:
+                if task.worker is not worker:
+                    continue  # not on this worker: a DONE cannot finish another worker's (or a queued) task
+                del tasks[task_id]
+                task.state = GONE
+                task.client.tasks.discard(task)
+                self._detach(task)
+                n += 1
+            elif task_id in worker.abandoned:
+                worker.abandoned.discard(task_id)
+                n += 1
+            elif task_id in worker.orphans:
+                worker.orphans.discard(task_id)
+                if self._orphans.get(task_id) is worker:
+                    del self._orphans[task_id]
+        failed = min(n, n_failed) if type(n_failed) is int and n_failed > 0 else 0
+        self.counters.failed += failed
+        self.counters.done += n - failed
+        return n
 
     def worker_heartbeat(self, wid: bytes, session: int, done_seq: int, now: float) -> None:
         worker = self._known_worker(wid, now)
@@ -293,36 +366,33 @@ class SchedulerState:
         worker = self._known_worker(wid, now)
         if worker is None:
             return
+        self._set_free(worker, 0)
         worker.draining = True
-        worker.free = 0
         back = {t for t in handed_back if type(t) is int}
         self._requeue_all([t for t in worker.tasks if t.id in back], died=False)
         log.info("worker %s draining; %d tasks handed back", wid.hex(), len(back))
         self.dispatch()
 
     def worker_bye(self, wid: bytes, now: float) -> None:
-        worker = self.workers.pop(wid, None)
+        worker = self.workers.get(wid)
         if worker is not None:
-            self._forget_orphans(worker)
+            self._remove_worker(worker)
             log.info("worker %s left; %d tasks go back to the queue", wid.hex(), len(worker.tasks))
             self._requeue_all(worker.tasks, died=False)
             self.dispatch()
 
     def worker_lost(self, wid: bytes, why: str) -> None:
         """A worker died (silent too long, or unreachable): its tasks run elsewhere."""
-        worker = self.workers.pop(wid, None)
+        worker = self.workers.get(wid)
         if worker is None:
             return
-        self._forget_orphans(worker)
-        log.warning("worker %s (%s, pid %d) lost: %s; redelivering %d tasks",
-                    wid.hex(), worker.name, worker.pid, why, len(worker.tasks))
+        self._remove_worker(worker)
+        # A worker that held nothing and vanished (a clean exit whose goodbye crossed our heartbeat) is news,
+        # not a warning.
+        (log.warning if worker.tasks else log.info)("worker %s (%s, pid %d) lost: %s; redelivering %d tasks",
+                                                    wid.hex(), worker.name, worker.pid, why, len(worker.tasks))
         self._requeue_all(worker.tasks, died=True)
         self.dispatch()
-
-    def _forget_orphans(self, worker: WorkerRecord) -> None:
-        if self._orphans:
-            for task_id in [i for i, w in self._orphans.items() if w is worker]:
-                del self._orphans[task_id]
 
     def _requeue_all(self, tasks: "set[Task] | list[Task]", died: bool) -> None:
         """Back to the queue, oldest (lowest id) first, ahead of tasks never tried."""
@@ -358,24 +428,31 @@ class SchedulerState:
         """Hand queued tasks to workers with free slots, most free first, in one frame per worker."""
         if self.queue.n_suspects:
             self._dispatch_suspects()
-        if not self.queue.n_ready:
-            return
-        ready = [w for w in self.workers.values() if w.free > 0 and not w.draining]
-        if not ready:
-            return
-        ready.sort(key=lambda w: w.free, reverse=True)
-        free_total = sum(w.free for w in ready)
+        free_total = self.free_total
         remaining = min(self.queue.n_ready, free_total)
-        for worker in ready:
-            if remaining <= 0:
-                break
+        if remaining <= 0:
+            return
+        # Most free first, each worker a share in proportion to its free slots. Every worker popped gets at
+        # least one task, so a dispatch costs O(tasks * log workers), whatever the number of workers.
+        ready, workers = self._ready, self.workers
+        served: list[WorkerRecord] = []
+        seen: set[WorkerRecord] = set()
+        while remaining > 0 and ready:
+            negfree, _, worker = heapq.heappop(ready)
+            if (-negfree != worker.free or worker.free <= 0 or worker.draining or worker in seen
+                    or workers.get(worker.wid) is not worker):
+                continue  # stale entry
             share = min(worker.free, remaining, -(-remaining * worker.free // free_total))
             free_total -= worker.free
+            served.append(worker)
+            seen.add(worker)
             batch = self.queue.pop(share)
             if not batch:
                 break
             remaining -= len(batch)
             self._send_batch(worker, batch)
+        for worker in served:
+            self._offer(worker)
 
     def _dispatch_suspects(self) -> None:
         for worker in self.workers.values():
@@ -385,9 +462,11 @@ class SchedulerState:
                     return
                 self._send_batch(worker, [task])
                 worker.suspect = task
+                self._offer(worker)
 
     def _send_batch(self, worker: WorkerRecord, batch: list[Task]) -> None:
         worker.free -= len(batch)
+        self.free_total -= len(batch)
         by_sink: dict[str, list[Any]] = {}
         size = count = 0
         for task in batch:
@@ -436,6 +515,49 @@ class SchedulerState:
         for task in self.queue.due(now):
             self.queue.push(task, front=True)
         self.dispatch()
+
+    def validate(self) -> None:
+        """Check every invariant; raise AssertionError naming the first broken one (tests call it after
+        every event)."""
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise AssertionError(what)
+        n_queued = n_suspects = 0
+        for task_id, task in self.tasks.items():
+            check(task.id == task_id, f"task {task_id} indexed under another id")
+            check(self.clients.get(task.client.cid) is task.client and task in task.client.tasks,
+                  f"task {task_id} not held by a live client")
+            if task.state == RUNNING:
+                worker = task.worker
+                check(worker is not None and self.workers.get(worker.wid) is worker and task in worker.tasks,
+                      f"running task {task_id} not on a live worker")
+            else:
+                check(task.worker is None, f"task {task_id} in state {task.state} is on a worker")
+                check(task.state in (QUEUED, SUSPECT, DELAYED), f"task {task_id} in unknown state {task.state}")
+            n_queued += task.state == QUEUED
+            n_suspects += task.state == SUSPECT
+        check(self.queue.n_ready == n_queued, f"queue counts {self.queue.n_ready} ready, {n_queued} are")
+        check(self.queue.n_suspects == n_suspects, f"queue counts {self.queue.n_suspects} suspects, {n_suspects} are")
+        for client in self.clients.values():
+            check(all(self.tasks.get(t.id) is t for t in client.tasks), f"client {client.cid.hex()} holds a gone task")
+        free_total = 0
+        live_ready = {id(w) for _, _, w in self._ready}
+        for wid, worker in self.workers.items():
+            check(worker.wid == wid, "worker indexed under another id")
+            check(0 <= worker.free and worker.free + len(worker.tasks) <= worker.capacity,
+                  f"worker {wid.hex()}: {worker.free} free + {len(worker.tasks)} running > {worker.capacity} slots")
+            check(all(t.worker is worker and t.state == RUNNING for t in worker.tasks),
+                  f"worker {wid.hex()} holds a task that is not running on it")
+            check(worker.suspect is None or worker.suspect in worker.tasks, f"worker {wid.hex()}: stale suspect")
+            check(all(self._orphans.get(i) is worker for i in worker.orphans), f"worker {wid.hex()}: orphan index")
+            check(len(worker.abandoned) <= worker.capacity, f"worker {wid.hex()}: too many abandoned tasks")
+            if not worker.draining:
+                free_total += worker.free
+                check(worker.free == 0 or id(worker) in live_ready, f"worker {wid.hex()} has free slots, not offered")
+        check(free_total == self.free_total, f"free_total {self.free_total}, workers have {free_total}")
+        check(len(self._orphans) <= MAX_ORPHANS, "too many orphans")
+        check(all(i in w.orphans and self.workers.get(w.wid) is w for i, w in self._orphans.items()),
+              "an orphan of a worker that is gone")
 
     def status(self) -> dict[str, Any]:
         running = sum(len(w.tasks) for w in self.workers.values())
