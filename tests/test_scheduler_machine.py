@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -51,8 +51,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 continue
             kind, fields = decode(frame)
             if kind == Kind.DISPATCH and fields[1] == self.session.get(dest):
-                for _sink, flat in fields[3]:
-                    ids = flat[0::3]
+                for group in fields[3]:
+                    ids = group[1][0::3]
                     self.on.setdefault(dest, set()).update(ids)
                     self.busy[dest] = self.busy.get(dest, 0) + len(ids)
                 assert self.busy[dest] <= self.slots[dest], "scheduler sent more tasks than the worker's slots"
@@ -185,7 +185,9 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 TestScheduler = SchedulerMachine.TestCase
+# No shrinking in CI: a failure prints its (long) sequence at once instead of minutes later.
 TestScheduler.settings = settings(max_examples=100, stateful_step_count=100, deadline=None,
+                                  phases=[Phase.explicit, Phase.reuse, Phase.generate],
                                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 

@@ -1,8 +1,9 @@
-"""Entry point of a child process that runs timed sync tasks for a worker (see `isolation`)."""
+"""Entry point of a child process that runs a worker's isolated tasks: timed sync ones, and suspects (see `isolation`)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import struct
 import sys
 
@@ -28,7 +29,11 @@ def main() -> None:
             return
         name, args, kwargs, options, tries = msgpack.unpackb(stdin.read(_LEN.unpack(header)[0]), raw=False)
         try:
-            outcome = call_sync(registry.resolve(name), args, kwargs, options, tries)
+            fn = registry.resolve(name)
+            if registry.is_async(fn):
+                coroutine_fn = fn
+                fn = lambda *a, **k: asyncio.run(coroutine_fn(*a, **k))  # noqa: E731
+            outcome = call_sync(fn, args, kwargs, options, tries)
         except NotAllowed as exc:
             outcome = (Status.REJECTED, error_entry(exc)[1], None)
         reply = msgpack.packb(list(outcome), use_bin_type=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import struct
 import sys
 from typing import Any
@@ -23,6 +24,15 @@ from .protocol import MAX_FRAME_BYTES, Status, encode_error
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("!I")
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class _Child:
@@ -37,6 +47,13 @@ class _Child:
         if size > MAX_FRAME_BYTES:
             raise ValueError(f"child sent a {size}-byte frame")
         return msgpack.unpackb(await self.proc.stdout.readexactly(size), raw=False)
+
+    async def exit_code(self) -> int | None:
+        """The exit code once the child has exited by itself (None if it is still running after 1 s)."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), 1.0)
+        except asyncio.TimeoutError:
+            return None
 
     def kill(self) -> None:
         if self.proc.returncode is None:
@@ -64,8 +81,9 @@ class ChildPool:
         return child
 
     async def run(self, name: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any], tries: int,
-                  timeout_s: float) -> tuple[int, bytes, float | None]:
-        """(status, payload, retry delay or None); a TIMEOUT when the call overran and its child was killed."""
+                  timeout_s: float | None) -> tuple[int, bytes, float | None]:
+        """(status, payload, retry delay or None); a TIMEOUT when the call overran and its child was killed,
+        LOST when the call killed its child."""
         async with self._slots:
             child = self._idle.pop() if self._idle else await self._spawn()
             request = msgpack.packb([name, args, kwargs, options, tries], use_bin_type=True)
@@ -79,7 +97,11 @@ class ChildPool:
                 self._discard(child)  # cancelling a running sync task stops it for real
                 raise
             except (OSError, EOFError, asyncio.IncompleteReadError, ValueError) as exc:
+                code = await child.exit_code()  # before our own kill, which would hide how it ended
                 self._discard(child)
+                if code is not None:  # it ran this task alone: the task is what killed it
+                    return Status.LOST, encode_error("WorkerLost", f"the task killed the process running it "
+                                                     f"({_describe_exit(code)})"), None
                 return Status.ERROR, encode_error("WorkerError", f"the task's child process failed: {exc}"), None
             self._idle.append(child)
             return status, data, delay

@@ -13,7 +13,7 @@ QUEUED, RUNNING, DELAYED, SUSPECT, GONE = 0, 1, 2, 3, -1
 
 
 class Task:
-    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths")
+    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths", "lost_alone")
 
     def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes) -> None:
         self.id = task_id
@@ -24,7 +24,8 @@ class Task:
         self.state = QUEUED
         self.worker: WorkerRecord | None = None
         self.tries = 0
-        self.deaths = 0
+        self.deaths = 0  # workers that died while it ran beside other tasks
+        self.lost_alone = 0  # workers that died while it ran isolated in a child process (no evidence)
 
 
 @dataclass(eq=False)

@@ -28,6 +28,8 @@ MAX_ORPHANS_PER_WORKER = 100_000
 MAX_ORPHANS = 200_000
 """Ids reported running by workers and not yet resubmitted, in all: a flood of fake HELLOs cannot grow past it."""
 MAX_SLOTS_PER_WORKER = 1_000_000
+MAX_LOST_ALONE = 5
+"""A suspect fails with WorkerLost once this many workers died while it ran isolated in their child process."""
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
@@ -395,19 +397,28 @@ class SchedulerState:
         self.dispatch()
 
     def _requeue_all(self, tasks: "set[Task] | list[Task]", died: bool) -> None:
-        """Back to the queue, oldest (lowest id) first, ahead of tasks never tried."""
+        """Back to the queue, oldest (lowest id) first, ahead of tasks never tried.
+
+        A worker's death is no evidence against any one task that shared it: after `max_deaths - 1` such
+        deaths a task becomes a suspect and runs isolated, in a child process of its next worker (one
+        suspect per worker at a time), where a death names the task for certain (the worker reports it
+        LOST). Only a suspect whose workers themselves keep dying, `MAX_LOST_ALONE` times, is failed here.
+        """
         front: list[Task] = []
+        suspect_after = max(1, self.config.max_deaths - 1)
         for task in sorted(tasks, key=lambda t: t.id):
+            isolated = task.worker is not None and task.worker.suspect is task
             self._detach(task)
             if died:
-                task.deaths += 1
-                if task.deaths >= self.config.max_deaths:
-                    self._fail_lost(task)
-                    continue
+                if isolated:
+                    task.lost_alone += 1
+                    if task.lost_alone >= MAX_LOST_ALONE:
+                        self._fail_lost(task)
+                        continue
+                else:
+                    task.deaths += 1
             self.counters.redelivered += 1
-            if task.deaths >= 2:
-                # Twice on a dying worker: maybe it is what kills them. Run it alone so it cannot
-                # take other tasks' attempts with it (one suspect per worker at a time).
+            if task.deaths >= suspect_after:
                 self.queue.push_suspect(task)
             else:
                 front.append(task)
@@ -416,8 +427,8 @@ class SchedulerState:
 
     def _fail_lost(self, task: Task) -> None:
         self.counters.lost += 1
-        text = (f"the task was running on {task.deaths} workers that died "
-                f"(limit {self.config.max_deaths}); it is probably killing them")
+        text = (f"the task was running on {task.deaths + task.lost_alone} workers that died, "
+                f"{task.lost_alone} of them while it ran alone; it is probably killing them")
         self.outbox.append(("client", task.sink,
                             encode(Kind.RESULT, [task.id, Status.LOST, encode_error("WorkerLost", text)])))
         self._forget(task)
@@ -460,11 +471,11 @@ class SchedulerState:
                 task = self.queue.pop_suspect()
                 if task is None:
                     return
-                self._send_batch(worker, [task])
+                self._send_batch(worker, [task], isolate=True)
                 worker.suspect = task
                 self._offer(worker)
 
-    def _send_batch(self, worker: WorkerRecord, batch: list[Task]) -> None:
+    def _send_batch(self, worker: WorkerRecord, batch: list[Task], isolate: bool = False) -> None:
         worker.free -= len(batch)
         self.free_total -= len(batch)
         by_sink: dict[str, list[Any]] = {}
@@ -480,14 +491,15 @@ class SchedulerState:
             size += len(task.payload)
             count += 1
             if size > MAX_BATCH_BYTES or count >= MAX_BATCH_TASKS:
-                self._emit_dispatch(worker, by_sink)
+                self._emit_dispatch(worker, by_sink, isolate)
                 by_sink, size, count = {}, 0, 0
         if by_sink:
-            self._emit_dispatch(worker, by_sink)
+            self._emit_dispatch(worker, by_sink, isolate)
 
-    def _emit_dispatch(self, worker: WorkerRecord, by_sink: dict[str, list[Any]]) -> None:
+    def _emit_dispatch(self, worker: WorkerRecord, by_sink: dict[str, list[Any]], isolate: bool) -> None:
+        """One DISPATCH: groups ``[sink, flat]``, or ``[sink, flat, 1]`` for tasks to run in a child process."""
         worker.dispatch_seq += 1
-        groups = [[sink, flat] for sink, flat in by_sink.items()]
+        groups = [[sink, flat, 1] if isolate else [sink, flat] for sink, flat in by_sink.items()]
         self.outbox.append(("worker", worker.wid,
                             encode(Kind.DISPATCH, self.epoch, worker.session, worker.dispatch_seq, groups)))
 

@@ -208,7 +208,7 @@ class Worker(Service):
             self._dispatch_seq = seq
             back: list[Any] = []
             for group in groups:
-                if type(group) is list and len(group) == 2 and type(group[1]) is list:
+                if type(group) is list and len(group) in (2, 3) and type(group[1]) is list:
                     back += group[1][0::3]
             self._tell_scheduler(encode(Kind.DRAIN, self._session, back))
             return
@@ -220,16 +220,18 @@ class Worker(Service):
         self._epoch = epoch
         self.registered.set()
         for group in groups:
-            if type(group) is not list or len(group) != 2 or type(group[0]) is not str or type(group[1]) is not list:
+            if (type(group) is not list or len(group) not in (2, 3) or type(group[0]) is not str
+                    or type(group[1]) is not list):
                 self.bad_input("malformed dispatch group", "scheduler", "not [sink, tasks]")
                 continue
-            sink, flat = group
+            sink, flat = group[0], group[1]
+            isolate = len(group) == 3 and group[2] == 1  # suspects: run in a child process
             for i in range(0, len(flat) - 2, 3):
-                self._start_task(flat[i], sink, flat[i + 1], flat[i + 2])
+                self._start_task(flat[i], sink, flat[i + 1], flat[i + 2], isolate)
 
     # ---- running tasks --------------------------------------------------------------------
 
-    def _start_task(self, task_id: Any, sink: str, tries: Any, payload: Any) -> None:
+    def _start_task(self, task_id: Any, sink: str, tries: Any, payload: Any, isolate: bool = False) -> None:
         if type(task_id) is not int or type(tries) is not int or type(payload) is not bytes:
             self.bad_input("malformed task", "scheduler", "not [id, tries, payload]")
             self._credit += 1
@@ -249,7 +251,10 @@ class Worker(Service):
         except ProtocolError as exc:
             self._complete(task_id, sink, Status.REJECTED, encode_error("BadTask", str(exc)), failed=True)
             return
-        if self.registry.is_async(fn):
+        if isolate:  # a suspect (on two dying workers): if it kills a process, let it be only a child
+            self._running[task_id] = self._loop.create_task(
+                self._run_isolated(task_id, sink, tries, name, args, kwargs, options))
+        elif self.registry.is_async(fn):
             self._running[task_id] = self._loop.create_task(
                 self._run_async(task_id, sink, tries, fn, args, kwargs, options))
         elif options.get("timeout_s") is not None:
@@ -295,11 +300,11 @@ class Worker(Service):
 
     async def _run_isolated(self, task_id: int, sink: str, tries: int, name: str, args: list[Any],
                             kwargs: dict[str, Any], options: dict[str, Any]) -> None:
-        """A sync task with a timeout: in a child process that is killed if it overruns."""
+        """A sync task with a timeout (killed if it overruns), or a suspect: in a child process."""
         if self._isolated is None:
             self._isolated = ChildPool(tuple(self.registry.modules), self.config.timeout_procs)
         try:
-            status, data, delay = await self._isolated.run(name, args, kwargs, options, tries, options["timeout_s"])
+            status, data, delay = await self._isolated.run(name, args, kwargs, options, tries, options.get("timeout_s"))
         except asyncio.CancelledError:
             if not self._stop.is_set() and task_id in self._running:
                 self._complete(task_id, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
