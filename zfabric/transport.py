@@ -16,7 +16,7 @@ import ctypes.util
 import logging
 import os
 from collections import Counter, deque
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 import zmq
 
@@ -163,7 +163,7 @@ class Reader:
             self.wake()
 
     def _has_input(self) -> bool:
-        return not self.sock.closed and bool(self.sock.getsockopt(_EVENTS) & _POLLIN)
+        return not self.sock.closed and bool(cast(int, self.sock.getsockopt(_EVENTS)) & _POLLIN)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the socket until `stop` is set."""
