@@ -24,7 +24,8 @@ from . import transport
 from .config import ClientConfig, FabricAddress, local_ip_towards
 from .errors import FabricUnreachable, SubmitError, TaskRejected
 from .handle import DONE, SENT, WAITING, Handle
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, encode, encode_call, describe_unencodable
+from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, Status, describe_unencodable, encode,
+                       encode_call)
 from .registry import function_name
 from .submitter import Submitter, TaskRef
 from .security import Curve
@@ -38,10 +39,18 @@ log = logging.getLogger(__name__)
 _SINK_KINDS = (Kind.WELCOME, Kind.ACCEPTED, Kind.REJECTED, Kind.HEARTBEAT, Kind.RESULT, Kind.STATUS_REPLY,
                Kind.MISSING)
 AUDIT_CHUNK = 50_000
+ENVELOPE_HEADROOM = 64 * 1024
+MAX_CALL_BYTES = MAX_FRAME_BYTES - ENVELOPE_HEADROOM
+"""Largest encoded call one task may have, and most payload bytes one SUBMIT frame carries: a frame over
+`MAX_FRAME_BYTES` would drop the connection, and every task in flight on it."""
+_CANCELLED = int(Status.CANCELLED)
 
 
 class Client(Submitter, Service):
     """Connects to a fabric: ``async with zfabric.Client("tcp://host:7100") as client: ...``."""
+
+    audit_chunk = AUDIT_CHUNK
+    """Task ids per AUDIT frame (one audit round sends as many frames as it needs)."""
 
     def __init__(self, address: str | ClientConfig | None = None, **options: Any) -> None:
         if isinstance(address, ClientConfig):
@@ -56,8 +65,11 @@ class Client(Submitter, Service):
         self.epoch: int | None = None
         self.duplicates = 0
         self.bad_input = transport.BadInput("client")
+        # Task ids are client-chosen (a random base, so ids of different clients rarely collide) and every
+        # worker sees them; the client id is the scheduler's only proof of who owns tasks (CANCEL, CLIENT_BYE),
+        # so it is a secret unrelated to them.
         self._id_base = int.from_bytes(os.urandom(4), "big") >> 1 << 32
-        self._client_id = self._id_base.to_bytes(8, "big")
+        self._client_id = os.urandom(16)
         self._seq = 0
         self._handles: dict[int, Handle] = {}
         self._outbox: deque[Handle] = deque()
@@ -69,8 +81,10 @@ class Client(Submitter, Service):
         self._room = asyncio.Event()
         self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._last_heard = time.monotonic()
-        self._missing_once: set[int] = set()
+        self._missing_prev: set[int] = set()  # missing in the previous audit round
+        self._missing_now: set[int] = set()  # missing so far in this round (its replies accumulate)
         self.resubmitted = 0
+        self.unasked_cancels = 0
         self._started = False
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -199,6 +213,11 @@ class Client(Submitter, Service):
             payload = encode_call(name, args, kwargs, options)
         except Exception:
             raise SubmitError(f"cannot submit {name}: {describe_unencodable(args, kwargs)}") from None
+        if len(payload) > MAX_CALL_BYTES:
+            raise SubmitError(
+                f"cannot submit {name}: its encoded call is {len(payload)} bytes, over the limit of {MAX_CALL_BYTES} "
+                f"bytes (the {MAX_FRAME_BYTES}-byte frame limit less {ENVELOPE_HEADROOM} for the envelope); "
+                "pass large data by reference (a path or URL) instead")
         self._seq += 1
         handle = Handle(self._id_base + self._seq, self, payload, priority)
         self._handles[handle.id] = handle
@@ -243,12 +262,17 @@ class Client(Submitter, Service):
             flat: list[Any] = []
             size = 0
             while room > 0 and outbox and size < MAX_BATCH_BYTES and len(flat) < 3 * MAX_BATCH_TASKS:
-                handle = outbox.popleft()
+                handle = outbox[0]
                 if handle.state != WAITING:
+                    outbox.popleft()
                     continue  # cancelled while waiting
+                n = len(handle.payload)  # type: ignore[arg-type]
+                if flat and size + n > MAX_CALL_BYTES:
+                    break  # it goes first in the next frame: no frame passes the frame limit
+                outbox.popleft()
                 handle.state = SENT
                 flat += (handle.id, handle.priority, handle.payload)
-                size += len(handle.payload)  # type: ignore[arg-type]
+                size += n
                 room -= 1
             if flat:
                 self._in_scheduler += len(flat) // 3
@@ -263,36 +287,48 @@ class Client(Submitter, Service):
         self._resubmit(sent)
 
     def _resubmit(self, handles: list[Handle]) -> None:
+        """Send `handles` again, batched like `_send_waiting` (by count and size, never past the frame limit)."""
         self.resubmitted += len(handles)
-        for i in range(0, len(handles), MAX_BATCH_TASKS):
-            flat: list[Any] = []
-            for handle in handles[i:i + MAX_BATCH_TASKS]:
-                flat += (handle.id, handle.priority, handle.payload)
-            self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to,
-                                           flat))
+        flat: list[Any] = []
+        size = 0
+        for handle in handles:
+            n = len(handle.payload)  # type: ignore[arg-type]
+            if flat and (len(flat) >= 3 * MAX_BATCH_TASKS or size >= MAX_BATCH_BYTES or size + n > MAX_CALL_BYTES):
+                self._send_submit(flat)
+                flat, size = [], 0
+            flat += (handle.id, handle.priority, handle.payload)
+            size += n
+        if flat:
+            self._send_submit(flat)
+
+    def _send_submit(self, flat: list[Any]) -> None:
+        self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
 
     def _audit(self) -> None:
         """Ask which unfinished tasks the scheduler no longer holds (see `_on_missing`)."""
         if self.config.results_to:
             return
+        self._missing_prev, self._missing_now = self._missing_now, set()  # a new round
         sent = [task_id for task_id, h in self._handles.items() if h.state == SENT]
-        for i in range(0, len(sent), AUDIT_CHUNK):
-            self._to_scheduler.send(encode(Kind.AUDIT, self._client_id, self.sink_address, sent[i:i + AUDIT_CHUNK]))
+        chunk = self.audit_chunk
+        for i in range(0, len(sent), chunk):
+            self._to_scheduler.send(encode(Kind.AUDIT, self._client_id, self.sink_address, sent[i:i + chunk]))
 
     def _on_missing(self, ids: list[Any]) -> None:
         """A task the scheduler no longer holds finished, but its result may be lost (a worker died with it
-        buffered, or dropped it while we were not reading). Missing in two audits in a row: submit it again."""
+        buffered, or dropped it while we were not reading). Missing in two audit rounds in a row: submit it
+        again. A round may take several AUDIT frames: the replies within one round accumulate."""
         again: list[Handle] = []
-        first_time: set[int] = set()
+        prev, now = self._missing_prev, self._missing_now
         for task_id in ids:
             handle = self._handles.get(task_id) if type(task_id) is int else None
             if handle is None or handle.state != SENT:
                 continue
-            if task_id in self._missing_once:
+            if task_id in prev:
+                prev.discard(task_id)
                 again.append(handle)
             else:
-                first_time.add(task_id)
-        self._missing_once = first_time
+                now.add(task_id)
         if again:
             log.warning("client: %d finished tasks never delivered their result; submitting them again", len(again))
             self._resubmit(again)
@@ -306,13 +342,17 @@ class Client(Submitter, Service):
             if kind == Kind.RESULT:
                 flat = f[0]
                 for i in range(0, len(flat) - 2, 3):
+                    status = flat[i + 1]
+                    if status == _CANCELLED and type(status) is int:
+                        self._on_cancelled(flat[i])
+                        continue
                     handle = handles.pop(flat[i], None) if type(flat[i]) is int else None
                     if handle is None:
                         self.duplicates += 1
                         continue
                     if handle.state == SENT:
                         self._in_scheduler -= 1
-                    status, data = flat[i + 1], flat[i + 2]
+                    data = flat[i + 2]
                     if type(status) is not int or type(data) is not bytes:
                         data, status = b"", -1
                     handle._resolve(status, data)
@@ -337,6 +377,19 @@ class Client(Submitter, Service):
         if not self._pump_scheduled and self._outbox:
             self._pump_scheduled = True
             self._loop.call_soon(self._pump)
+
+    def _on_cancelled(self, task_id: Any) -> None:
+        """A CANCELLED result. A handle the caller cancelled is resolved and forgotten at once, so one still
+        pending was cancelled by nobody here: the scheduler forgot us (our loop stalled past its client
+        timeout, say). The task must run again: the handle stays SENT, so the WELCOME the scheduler sends
+        when we say hello again resubmits it; and should no WELCOME come, the next audit round that finds
+        it missing does."""
+        handle = self._handles.get(task_id) if type(task_id) is int else None
+        if handle is None or handle.state != SENT:
+            self.duplicates += 1
+            return
+        self.unasked_cancels += 1
+        self._missing_now.add(task_id)
 
     def _fire_and_forget(self, ids: list[Any]) -> None:
         """With `results_to` set, results go to another sink: a task is done here once accepted."""

@@ -9,13 +9,22 @@ client is the durable copy of every task it submitted.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generator, Iterable
+import logging
+from typing import Any, AsyncIterator, Callable, Generator, Iterable, Protocol
 
 from .errors import FabricError, TaskCancelled, TaskError, TaskRejected, TaskTimeout, WorkerLost
 from .protocol import Status, decode_error, decode_value
 
-if TYPE_CHECKING:
-    from .client import Client
+log = logging.getLogger(__name__)
+
+
+class HandleOwner(Protocol):
+    """What a handle needs from its client (so this module need not import the client)."""
+
+    _loop: asyncio.AbstractEventLoop
+
+    def _cancel(self, handle: "Handle") -> None: ...
+
 
 WAITING, SENT, DONE = 0, 1, 2
 
@@ -28,7 +37,7 @@ class Handle:
 
     __slots__ = ("id", "payload", "priority", "state", "_client", "_value", "_error", "_future", "_callbacks")
 
-    def __init__(self, task_id: int, client: "Client", payload: bytes, priority: int) -> None:
+    def __init__(self, task_id: int, client: HandleOwner, payload: bytes, priority: int) -> None:
         self.id = task_id
         self.payload: bytes | None = payload
         self.priority = priority
@@ -72,7 +81,7 @@ class Handle:
 
     def add_done_callback(self, fn: Callable[["Handle"], Any]) -> None:
         if self.state == DONE:
-            fn(self)
+            _call(fn, self)
         elif self._callbacks is None:
             self._callbacks = [fn]
         else:
@@ -97,7 +106,7 @@ class Handle:
         if self._callbacks is not None:
             callbacks, self._callbacks = self._callbacks, None
             for fn in callbacks:
-                fn(self)
+                _call(fn, self)  # one raising callback must not stop the others, or the client's result batch
 
     def _resolve(self, status: int, data: bytes) -> None:
         try:
@@ -111,6 +120,14 @@ class Handle:
             self._finish(None, _ERRORS.get(status, TaskError)(type_name, message, tb, self.id))
         except FabricError as exc:
             self._finish(None, TaskError("ProtocolError", f"the result could not be decoded: {exc}", "", self.id))
+
+
+def _call(fn: Callable[[Handle], Any], handle: Handle) -> None:
+    """Run a done-callback; an exception in it is logged (as asyncio does for Future callbacks)."""
+    try:
+        fn(handle)
+    except Exception:
+        log.exception("exception in done-callback %r of %r", fn, handle)
 
 
 async def as_completed(handles: Iterable[Handle]) -> AsyncIterator[Handle]:

@@ -7,17 +7,30 @@ the task's own keyword arguments, so `fn(timeout_s=...)` always reaches `fn`.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Protocol
 
 from .errors import ConfigError
 from .execution import check_options
 from .handle import Handle
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .config import ClientConfig
 
 TaskRef = Callable[..., Any] | str
 """A function object, or its ``"module:function"`` name."""
+
+
+class SubmitTarget(Protocol):
+    """What a `Submitter` needs from its client (so this module need not import the client)."""
+
+    config: "ClientConfig"
+
+    def _submit(self, fn: TaskRef, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any],
+                priority: int) -> Handle: ...
+
+    async def _wait_for_room(self) -> None: ...
+
+    def _name(self, fn: TaskRef) -> str: ...
 
 
 class Submitter:
@@ -28,7 +41,7 @@ class Submitter:
     (exception class names), ``backoff_s``.
     """
 
-    def __init__(self, client: "Client", priority: int = 0, **options: Any) -> None:
+    def __init__(self, client: SubmitTarget, priority: int = 0, **options: Any) -> None:
         if type(priority) is not int:
             raise ConfigError(f"priority must be an int, got {type(priority).__name__}")
         if "retry_on" in options:
