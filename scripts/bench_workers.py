@@ -69,8 +69,10 @@ def run_fresh(tree: str, n_workers: int, tasks: int, port: int) -> dict[str, Any
     """One measurement in a fresh interpreter that imports `tree`'s zfabric."""
     code = (f"import asyncio, json, sys; sys.path.insert(0, {ROOT + '/scripts'!r}); import bench_workers as b; "
             f"print(json.dumps(asyncio.run(b.measure({tree!r}, {n_workers}, {tasks}, {port}))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=tree))
+    if out.returncode:
+        raise RuntimeError(f"the {n_workers}-worker run on {tree} failed:\n{out.stderr[-3000:]}")
     import json
     return json.loads(out.stdout.strip().splitlines()[-1])
 

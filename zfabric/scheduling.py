@@ -30,6 +30,9 @@ MAX_ORPHANS = 200_000
 MAX_SLOTS_PER_WORKER = 1_000_000
 MAX_LOST_ALONE = 5
 """A suspect fails with WorkerLost once this many workers died while it ran isolated in their child process."""
+MIN_SHARE = 64
+"""Fewest tasks a dispatch hands one worker while more are queued: spread thinner over many workers, the
+messages per task (DISPATCH and DONE) grow with the number of workers."""
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
@@ -453,7 +456,7 @@ class SchedulerState:
             if (-negfree != worker.free or worker.free <= 0 or worker.draining or worker in seen
                     or workers.get(worker.wid) is not worker):
                 continue  # stale entry
-            share = min(worker.free, remaining, -(-remaining * worker.free // free_total))
+            share = min(worker.free, remaining, max(MIN_SHARE, -(-remaining * worker.free // free_total)))
             free_total -= worker.free
             served.append(worker)
             seen.add(worker)
