@@ -99,7 +99,8 @@ class SchedulerConfig:
     bind: str = "tcp://127.0.0.1:7100"
     timing: Timing = field(default_factory=Timing)
     max_deaths: int = 3
-    """A task that was on this many dying workers fails with `WorkerLost` (a poison task)."""
+    """A task that was on `max_deaths - 1` dying workers (beside other tasks) becomes a suspect and runs
+    isolated in a child process of its next worker, where its death names it (`WorkerLost`)."""
     max_clients: int = 500
     """Clients registered at once (each costs a socket to its sink). When full, the oldest client holding
     no task makes room. A client with no task is forgotten after 3 silent heartbeats, one with tasks after

@@ -10,7 +10,8 @@ payload fails one task, never a batch.
 
 Batches are flat lists to keep per-task objects few:
 SUBMIT carries ``[id, priority, payload, id, priority, payload, ...]``,
-DISPATCH ``[[sink, [id, tries, payload, ...]], ...]`` and RESULT
+DISPATCH ``[[sink, [id, tries, payload, ...]], ...]`` (a group ``[sink, [...], 1]`` runs its
+tasks isolated in a child process: suspects) and RESULT
 ``[id, status, value, ...]``.
 """
 
@@ -96,7 +97,7 @@ SCHEMA: dict[int, tuple[Any, ...]] = {
     Kind.DRAIN: (_int, list),                             # session, [id handed back]*
     Kind.WORKER_BYE: (_int,),                             # session
     Kind.REGISTER: (_int,),                               # epoch
-    Kind.DISPATCH: (_int, _int, _int, list),              # epoch, session, seq, [[sink, [id, tries, payload]*]]*
+    Kind.DISPATCH: (_int, _int, _int, list),              # epoch, session, seq, [[sink, [id, tries, payload]*, (1)]]*
 }
 
 _KINDS = {int(k): k for k in Kind}
@@ -161,7 +162,7 @@ def decode(frame: bytes, *, expect: Sequence[Kind] | None = None) -> tuple[Kind,
         raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {_short(str(exc))})") from None
     if type(msg) is not list or len(msg) < 2:
         raise ProtocolError("frame is not a [version, kind, ...] array")
-    if msg[0] != VERSION:
+    if type(msg[0]) is not int or msg[0] != VERSION:  # msgpack true and 1.0 compare equal to 1
         raise ProtocolError(f"protocol version {_short(msg[0])}, expected {VERSION}")
     kind = _KINDS.get(msg[1]) if type(msg[1]) is int else None
     if kind is None:
