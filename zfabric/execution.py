@@ -11,7 +11,7 @@ import random
 import traceback
 from typing import Any, Callable
 
-from .protocol import Status, encode_error, encode_value
+from .protocol import MAX_FRAME_BYTES, Status, encode_error, encode_value
 
 MAX_TRACEBACK_CHARS = 8000
 
@@ -23,13 +23,23 @@ OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+MAX_RESULT_BYTES = MAX_FRAME_BYTES - 64 * 1024
+"""Largest encoded result: one RESULT frame must stay under the frame limit, or the link to the sink drops."""
+
+
 def result_entry(value: Any) -> tuple[int, bytes]:
-    """(status, payload) for a returned value; an unsendable value becomes an error."""
+    """(status, payload) for a returned value; an unsendable or oversize value becomes an error."""
     try:
-        return Status.OK, encode_value(value)
+        data = encode_value(value)
     except Exception as exc:
         return Status.ERROR, encode_error(
             "TypeError", f"the task returned a {type(value).__name__}, which cannot be sent back: {exc}")
+    if len(data) > MAX_RESULT_BYTES:
+        return Status.ERROR, encode_error(
+            "ValueError", f"the task's result is {len(data):,} bytes encoded, over the limit of "
+                          f"{MAX_RESULT_BYTES:,} bytes (the {MAX_FRAME_BYTES:,}-byte frame limit less room for "
+                          "the envelope); return large data by reference (a path or URL) instead")
+    return Status.OK, data
 
 
 def error_entry(exc: BaseException, status: int = Status.ERROR) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ import zmq
 
 from . import transport
 from .config import WorkerConfig
+from .execution import MAX_RESULT_BYTES
 from .protocol import MAX_BATCH_BYTES, Kind, encode
 from .security import Curve
 
@@ -54,6 +55,8 @@ class ResultRouter:
         out = self._sinks.get(sink) or self._open(sink)
         if out is None:
             return False
+        if out.results and out.size + len(data) > MAX_RESULT_BYTES:
+            self._send(out)  # no RESULT frame may pass the frame limit: this one starts the next frame
         out.results += (task_id, status, data)
         out.size += len(data)
         if out.size > MAX_BATCH_BYTES:

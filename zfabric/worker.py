@@ -63,6 +63,7 @@ class Worker(Service):
         self._last_heard = time.monotonic()
         self._last_beat = float("-inf")
         self._running: dict[int, Any] = {}  # task id -> its asyncio.Task, or its sink (a sync call), or None
+        self._task_sinks: dict[int, str] = {}  # sink of each task running as an asyncio.Task (to cancel it)
         self._finished: list[int] = []
         self._credit = 0
         self._n_failed = 0
@@ -103,15 +104,20 @@ class Worker(Service):
         self._reader = transport.Reader(self._dealer, self._on_scheduler, "scheduler", self.bad_input)
 
     async def stop(self) -> None:
+        """Stop whatever `start` got to (it may have failed half-way, on a bad address say)."""
         await self._end_tasks()
         for task in list(self._running.values()):
             if isinstance(task, asyncio.Task):
                 task.cancel()
-        self._threads.close()
+        threads: SyncThreads | None = getattr(self, "_threads", None)
+        if threads is not None:
+            threads.close()
         if self._isolated is not None:
             await self._isolated.close()
-        transport.close_all([self._dealer])
-        self._results.close()
+        transport.close_all([getattr(self, "_dealer", None)])
+        results: ResultRouter | None = getattr(self, "_results", None)
+        if results is not None:
+            results.close()
 
     async def drain(self) -> None:
         """Stop taking work, let running tasks finish within ``grace_s``, hand the rest back, leave."""
@@ -246,11 +252,15 @@ class Worker(Service):
                 raise ProtocolError(problem)
             fn = self.registry.resolve(name)
         except NotAllowed as exc:
-            self._complete(task_id, sink, Status.REJECTED, encode_error("NotAllowed", str(exc)), failed=True)
+            self._complete(task_id, sink, Status.REJECTED, encode_error("NotAllowed", str(exc)), failed=True,
+                           started=False)
             return
         except ProtocolError as exc:
-            self._complete(task_id, sink, Status.REJECTED, encode_error("BadTask", str(exc)), failed=True)
+            self._complete(task_id, sink, Status.REJECTED, encode_error("BadTask", str(exc)), failed=True,
+                           started=False)
             return
+        if isolate or self.registry.is_async(fn) or options.get("timeout_s") is not None:
+            self._task_sinks[task_id] = sink
         if isolate:  # a suspect (on two dying workers): if it kills a process, let it be only a child
             self._running[task_id] = self._loop.create_task(
                 self._run_isolated(task_id, sink, tries, name, args, kwargs, options))
@@ -323,20 +333,31 @@ class Worker(Service):
             self._complete(task_id, sink, status, data, failed=status != Status.OK)
 
     def _cancel(self, ids: list[Any]) -> None:
+        """The task is done here the moment its cancel arrives: its slot comes back whatever its coroutine
+        does next (a task cancelled before its first step never runs its own handler), and any later outcome
+        of it is ignored (`_complete` only finishes what is still running)."""
         for task_id in ids:
-            running = self._running.get(task_id)
+            running = self._running.get(task_id) if type(task_id) is int else None
             if isinstance(running, asyncio.Task):
+                self._complete(task_id, self._task_sinks.get(task_id, ""), Status.CANCELLED,
+                               encode_error("TaskCancelled", "cancelled"))
                 running.cancel()
             elif type(running) is str and self._threads.withdraw(task_id):
                 self._complete(task_id, running, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
 
     # ---- outcomes -------------------------------------------------------------------------
 
-    def _complete(self, task_id: int, sink: str, status: int, data: bytes, failed: bool = False) -> None:
-        self._running.pop(task_id, None)
+    def _complete(self, task_id: int, sink: str, status: int, data: bytes, failed: bool = False,
+                  started: bool = True) -> None:
+        """Finish a task once: its result to its sink, its slot back in the next DONE."""
+        if started:
+            if task_id not in self._running:
+                return  # finished already (cancelled, handed back at drain): a late outcome changes nothing
+            del self._running[task_id]
+        self._task_sinks.pop(task_id, None)
         if not self._results.add(sink, task_id, status, data):
-            self._dropped(1)
-            return
+            self._dropped(1)  # an unusable sink address: the result is lost, but never the slot
+            failed = True
         self._finished.append(task_id)
         self._credit += 1
         if failed:
@@ -350,7 +371,9 @@ class Worker(Service):
         self.counts["results_dropped"] += n
 
     def _retry(self, task_id: int, delay: float) -> None:
-        self._running.pop(task_id, None)
+        if self._running.pop(task_id, False) is False:
+            return  # finished already: a late outcome changes nothing
+        self._task_sinks.pop(task_id, None)
         self._retries += (task_id, delay)
         self._credit += 1
         self.counts["retried"] += 1
