@@ -22,10 +22,11 @@ import zmq
 
 from . import transport
 from .config import ClientConfig, FabricAddress, local_ip_towards
-from .errors import FabricUnreachable, SubmitError, TaskRejected
-from .handle import DONE, SENT, WAITING, Handle
-from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, Status, describe_unencodable, encode,
-                       encode_call)
+from .client_state import (ENVELOPE_HEADROOM, MAX_CALL_BYTES, ClientState, SayHello, SendAudit, SendCancel,
+                           SendSubmit)
+from .errors import FabricUnreachable, SubmitError
+from .handle import Handle
+from .protocol import MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, describe_unencodable, encode, encode_call
 from .registry import function_name
 from .submitter import Submitter, TaskRef
 from .security import Curve
@@ -39,11 +40,7 @@ log = logging.getLogger(__name__)
 _SINK_KINDS = (Kind.WELCOME, Kind.ACCEPTED, Kind.REJECTED, Kind.HEARTBEAT, Kind.RESULT, Kind.STATUS_REPLY,
                Kind.MISSING)
 AUDIT_CHUNK = 50_000
-ENVELOPE_HEADROOM = 64 * 1024
-MAX_CALL_BYTES = MAX_FRAME_BYTES - ENVELOPE_HEADROOM
-"""Largest encoded call one task may have, and most payload bytes one SUBMIT frame carries: a frame over
-`MAX_FRAME_BYTES` would drop the connection, and every task in flight on it."""
-_CANCELLED = int(Status.CANCELLED)
+__all__ = ["AUDIT_CHUNK", "ENVELOPE_HEADROOM", "MAX_CALL_BYTES", "Client"]
 
 
 class Client(Submitter, Service):
@@ -62,8 +59,8 @@ class Client(Submitter, Service):
         Service.__init__(self)
         self.config = config
         self.sink_address = ""
-        self.epoch: int | None = None
-        self.duplicates = 0
+        self._state = ClientState(config)
+        """All bookkeeping of the tasks (the pure state machine); this class only drives it."""
         self.bad_input = transport.BadInput("client")
         # Task ids are client-chosen (a random base, so ids of different clients rarely collide) and every
         # worker sees them; the client id is the scheduler's only proof of who owns tasks (CANCEL, CLIENT_BYE),
@@ -71,21 +68,56 @@ class Client(Submitter, Service):
         self._id_base = int.from_bytes(os.urandom(4), "big") >> 1 << 32
         self._client_id = os.urandom(16)
         self._seq = 0
-        self._handles: dict[int, Handle] = {}
-        self._outbox: deque[Handle] = deque()
-        self._cancels: list[int] = []
-        self._in_scheduler = 0
         self._names: dict[Any, str] = {}
         self._pump_scheduled = False
         self._welcomed = asyncio.Event()
         self._room = asyncio.Event()
         self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._last_heard = time.monotonic()
-        self._missing_prev: set[int] = set()  # missing in the previous audit round
-        self._missing_now: set[int] = set()  # missing so far in this round (its replies accumulate)
-        self.resubmitted = 0
-        self.unasked_cancels = 0
         self._started = False
+
+    # ---- the state machine's figures, under the names callers and tests use -----------------
+
+    @property
+    def epoch(self) -> int | None:
+        return self._state.epoch
+
+    @property
+    def duplicates(self) -> int:
+        """Results dropped: a second result for an id, or one for an id this client does not hold."""
+        return self._state.duplicates
+
+    @property
+    def resubmitted(self) -> int:
+        return self._state.resubmitted
+
+    @property
+    def unasked_cancels(self) -> int:
+        return self._state.unasked_cancels
+
+    @property
+    def _handles(self) -> dict[int, Handle]:
+        return self._state.handles
+
+    @property
+    def _outbox(self) -> deque[Handle]:
+        return self._state.outbox
+
+    @property
+    def _in_scheduler(self) -> int:
+        return self._state.in_scheduler
+
+    @_in_scheduler.setter
+    def _in_scheduler(self, n: int) -> None:
+        self._state.in_scheduler = n
+
+    @property
+    def _missing_prev(self) -> set[int]:
+        return self._state.missing_prev
+
+    @property
+    def _missing_now(self) -> set[int]:
+        return self._state.missing_now
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -220,30 +252,26 @@ class Client(Submitter, Service):
                 "pass large data by reference (a path or URL) instead")
         self._seq += 1
         handle = Handle(self._id_base + self._seq, self, payload, priority)
-        self._handles[handle.id] = handle
-        self._outbox.append(handle)
-        if len(self._outbox) >= MAX_BATCH_TASKS and self._in_scheduler < self.config.window:
+        state = self._state
+        waiting = state.submit(handle)
+        if waiting >= MAX_BATCH_TASKS and state.in_scheduler < self.config.window:
             self._send_waiting()  # a full batch goes now, so the fabric works while the caller is still submitting
         elif not self._pump_scheduled:
             self._pump_scheduled = True
             self._loop.call_soon(self._pump)
-            if len(self._outbox) == 1:
+            if waiting == 1:
                 self._send_waiting()  # a lone task goes at once; what follows it in this turn is batched
         return handle
 
     async def _wait_for_room(self) -> None:
-        while len(self._outbox) >= self.config.max_backlog:
+        while len(self._state.outbox) >= self.config.max_backlog:
             self._room.clear()
             await self._room.wait()
 
     def _cancel(self, handle: Handle) -> None:
-        self._handles.pop(handle.id, None)
-        if handle.state == SENT:
-            self._in_scheduler -= 1
-            self._cancels.append(handle.id)
-            if not self._pump_scheduled:
-                self._pump_scheduled = True
-                self._loop.call_soon(self._pump)
+        if self._state.cancel(handle) and not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
 
     def _pump(self) -> None:
         self._pump_scheduled = False
@@ -251,122 +279,54 @@ class Client(Submitter, Service):
 
     def _send_waiting(self) -> None:
         """Send cancellations, and waiting tasks while the window has room, many per frame."""
-        if self._cancels:
-            cancels, self._cancels = self._cancels, []
-            self._to_scheduler.send(encode(Kind.CANCEL, self._client_id, self.sink_address, cancels))
-        if not self._welcomed.is_set():
-            return
-        room = self.config.window - self._in_scheduler
-        outbox = self._outbox
-        while room > 0 and outbox:
-            flat: list[Any] = []
-            size = 0
-            while room > 0 and outbox and size < MAX_BATCH_BYTES and len(flat) < 3 * MAX_BATCH_TASKS:
-                handle = outbox[0]
-                if handle.state != WAITING:
-                    outbox.popleft()
-                    continue  # cancelled while waiting
-                n = len(handle.payload)  # type: ignore[arg-type]
-                if flat and size + n > MAX_CALL_BYTES:
-                    break  # it goes first in the next frame: no frame passes the frame limit
-                outbox.popleft()
-                handle.state = SENT
-                flat += (handle.id, handle.priority, handle.payload)
-                size += n
-                room -= 1
-            if flat:
-                self._in_scheduler += len(flat) // 3
-                self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
-        if len(outbox) < self.config.max_backlog:
+        self._state.send_waiting()
+        self._execute()
+        if len(self._state.outbox) < self.config.max_backlog:
             self._room.set()
 
-    def _resubmit_all(self) -> None:
-        sent = [h for h in self._handles.values() if h.state == SENT]
-        if sent:
-            log.info("client: resubmitting %d unfinished tasks to scheduler epoch %x", len(sent), self.epoch or 0)
-        self._resubmit(sent)
-
-    def _resubmit(self, handles: list[Handle]) -> None:
-        """Send `handles` again, batched like `_send_waiting` (by count and size, never past the frame limit)."""
-        self.resubmitted += len(handles)
-        flat: list[Any] = []
-        size = 0
-        for handle in handles:
-            n = len(handle.payload)  # type: ignore[arg-type]
-            if flat and (len(flat) >= 3 * MAX_BATCH_TASKS or size >= MAX_BATCH_BYTES or size + n > MAX_CALL_BYTES):
-                self._send_submit(flat)
-                flat, size = [], 0
-            flat += (handle.id, handle.priority, handle.payload)
-            size += n
-        if flat:
-            self._send_submit(flat)
-
-    def _send_submit(self, flat: list[Any]) -> None:
-        self._to_scheduler.send(encode(Kind.SUBMIT, self._client_id, self.sink_address, self.config.results_to, flat))
+    def _execute(self) -> None:
+        """Carry out the state machine's commands, in order."""
+        state = self._state
+        if not state.commands:
+            return
+        cid, sink = self._client_id, self.sink_address
+        send = self._to_scheduler.send
+        for command in state.take():
+            if isinstance(command, SendSubmit):
+                send(encode(Kind.SUBMIT, cid, sink, self.config.results_to, command.flat))
+            elif isinstance(command, SendCancel):
+                send(encode(Kind.CANCEL, cid, sink, command.ids))
+            elif isinstance(command, SendAudit):
+                send(encode(Kind.AUDIT, cid, sink, command.ids))
+            elif isinstance(command, SayHello):
+                self._hello()
 
     def _audit(self) -> None:
-        """Ask which unfinished tasks the scheduler no longer holds (see `_on_missing`)."""
-        if self.config.results_to:
-            return
-        self._missing_prev, self._missing_now = self._missing_now, set()  # a new round
-        sent = [task_id for task_id, h in self._handles.items() if h.state == SENT]
-        chunk = self.audit_chunk
-        for i in range(0, len(sent), chunk):
-            self._to_scheduler.send(encode(Kind.AUDIT, self._client_id, self.sink_address, sent[i:i + chunk]))
+        """Ask which unfinished tasks the scheduler no longer holds (see `ClientState.missing`)."""
+        self._state.audit_due(self.audit_chunk)
+        self._execute()
 
     def _on_missing(self, ids: list[Any]) -> None:
-        """A task the scheduler no longer holds finished, but its result may be lost (a worker died with it
-        buffered, or dropped it while we were not reading). Missing in two audit rounds in a row: submit it
-        again. A round may take several AUDIT frames: the replies within one round accumulate."""
-        again: list[Handle] = []
-        prev, now = self._missing_prev, self._missing_now
-        for task_id in ids:
-            handle = self._handles.get(task_id) if type(task_id) is int else None
-            if handle is None or handle.state != SENT:
-                continue
-            if task_id in prev:
-                prev.discard(task_id)
-                again.append(handle)
-            else:
-                now.add(task_id)
-        if again:
-            log.warning("client: %d finished tasks never delivered their result; submitting them again", len(again))
-            self._resubmit(again)
+        """A MISSING reply (one chunk of an audit round): tasks missing twice in a row are submitted again."""
+        self._state.missing(ids)
+        self._execute()
 
     # ---- receiving ------------------------------------------------------------------------
 
     def _on_sink(self, batch: list[list[bytes]]) -> None:
         self._last_heard = time.monotonic()
-        handles = self._handles
+        state = self._state
         for _, kind, f in transport.messages(batch, _SINK_KINDS, self.bad_input, "sink"):
             if kind == Kind.RESULT:
-                flat = f[0]
-                for i in range(0, len(flat) - 2, 3):
-                    status = flat[i + 1]
-                    if status == _CANCELLED and type(status) is int:
-                        self._on_cancelled(flat[i])
-                        continue
-                    handle = handles.pop(flat[i], None) if type(flat[i]) is int else None
-                    if handle is None:
-                        self.duplicates += 1
-                        continue
-                    if handle.state == SENT:
-                        self._in_scheduler -= 1
-                    data = flat[i + 2]
-                    if type(status) is not int or type(data) is not bytes:
-                        data, status = b"", -1
-                    handle._resolve(status, data)
-            elif kind == Kind.HEARTBEAT or kind == Kind.ACCEPTED:
-                if kind == Kind.ACCEPTED and self.config.results_to:
-                    self._fire_and_forget(f[1])
-                if f[0] == self.epoch:
-                    self._welcomed.set()
-                elif self.epoch is not None:
-                    self._hello()  # a new scheduler: it will WELCOME us
+                state.results(f[0])
+            elif kind == Kind.HEARTBEAT:
+                state.heard(f[0])
+            elif kind == Kind.ACCEPTED:
+                state.accepted(f[0], f[1])
             elif kind == Kind.WELCOME:
-                self._on_welcome(f[0])
+                state.welcome(f[0])
             elif kind == Kind.REJECTED:
-                self._on_rejected(f[1])
+                state.rejected(f[1])
             elif kind == Kind.MISSING:
                 self._on_missing(f[1])
             elif kind == Kind.STATUS_REPLY:
@@ -374,45 +334,12 @@ class Client(Submitter, Service):
                 for fut in waiters:
                     if not fut.done():
                         fut.set_result(f[0])
-        if not self._pump_scheduled and self._outbox:
+        if state.welcomed:
+            self._welcomed.set()
+        self._execute()
+        if not self._pump_scheduled and state.outbox:
             self._pump_scheduled = True
             self._loop.call_soon(self._pump)
-
-    def _on_cancelled(self, task_id: Any) -> None:
-        """A CANCELLED result. A handle the caller cancelled is resolved and forgotten at once, so one still
-        pending was cancelled by nobody here: the scheduler forgot us (our loop stalled past its client
-        timeout, say). The task must run again: the handle stays SENT, so the WELCOME the scheduler sends
-        when we say hello again resubmits it; and should no WELCOME come, the next audit round that finds
-        it missing does."""
-        handle = self._handles.get(task_id) if type(task_id) is int else None
-        if handle is None or handle.state != SENT:
-            self.duplicates += 1
-            return
-        self.unasked_cancels += 1
-        self._missing_now.add(task_id)
-
-    def _fire_and_forget(self, ids: list[Any]) -> None:
-        """With `results_to` set, results go to another sink: a task is done here once accepted."""
-        for task_id in ids:
-            handle = self._handles.pop(task_id, None) if type(task_id) is int else None
-            if handle is not None:
-                self._in_scheduler -= 1
-                handle._finish(None, None)
-
-    def _on_welcome(self, epoch: int) -> None:
-        if self.epoch is not None and epoch != self.epoch:
-            log.warning("client: scheduler restarted (epoch %x -> %x)", self.epoch, epoch)
-        self.epoch = epoch
-        self._resubmit_all()
-        self._welcomed.set()
-
-    def _on_rejected(self, flat: list[Any]) -> None:
-        for i in range(0, len(flat) - 1, 2):
-            handle = self._handles.pop(flat[i], None) if type(flat[i]) is int else None
-            if handle is not None:
-                if handle.state == SENT:
-                    self._in_scheduler -= 1
-                handle._finish(None, TaskRejected("Rejected", str(flat[i + 1]), "", handle.id))
 
     def _hello(self) -> None:
         try:
@@ -421,27 +348,23 @@ class Client(Submitter, Service):
             pass  # not connected yet; the ticker says hello again
 
     def _fail_all(self, error: Exception) -> None:
-        handles, self._handles = self._handles, {}
-        self._outbox.clear()
-        self._in_scheduler = 0
-        for handle in handles.values():
-            if handle.state != DONE:
-                handle._finish(None, error)
+        self._state.fail_all(error)
 
     async def _ticker(self) -> None:
         timing = self.config.timing
         last_audit = time.monotonic()
         while not self._stop.is_set():
-            await asyncio.sleep(timing.heartbeat_s if self._welcomed.is_set() else 0.02)
+            await asyncio.sleep(timing.heartbeat_s if self._state.welcomed else 0.02)
             self._hello()
-            if self._welcomed.is_set() and time.monotonic() - last_audit >= self.config.audit_s:
+            if self._state.welcomed and time.monotonic() - last_audit >= self.config.audit_s:
                 last_audit = time.monotonic()
                 self._audit()
             if self._to_scheduler.backlog:
                 self._to_scheduler.flush()
             silent = time.monotonic() - self._last_heard
-            if silent > timing.scheduler_timeout_s and self._welcomed.is_set():
+            if silent > timing.scheduler_timeout_s and self._state.welcomed:
                 log.warning("client: scheduler silent for %.1f s; waiting for it", silent)
+                self._state.lost_contact()
                 self._welcomed.clear()
             if silent > self.config.timeout_s and self._handles:
                 log.error("client: scheduler at %s silent for %.0f s; failing %d tasks", self.config.address,
@@ -462,4 +385,4 @@ class Client(Submitter, Service):
     @property
     def pending(self) -> int:
         """Tasks submitted and not finished."""
-        return len(self._handles)
+        return len(self._state.handles)
