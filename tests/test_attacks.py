@@ -890,8 +890,8 @@ async def test_message_of_many_frames_is_counted_in_status(hostile: HostileFabri
         try:
             push.send_multipart([b"x"] * 5)       # over MAX_FRAMES: dropped by transport.Reader
             push.send(b"\xc1")                     # a sentinel behind it, on the same pipe
-            bad = await wait_or_fail(lambda: _bad_at_least(client, sum(bad_before.values()) + 1),
-                                     "the sentinel to be counted")
+            bad = await wait_or_fail(lambda: _bad_at_least(client, sum(bad_before.values()) + 2),
+                                     "the many-frame message and the sentinel to be counted")
         finally:
             push.close()
     assert sum(bad.values()) - sum(bad_before.values()) == 2, f"counted {bad_before} -> {bad}"
