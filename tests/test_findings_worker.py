@@ -2,12 +2,14 @@
 
 1: cancelling tasks (even before their first step) leaks no worker slot, and leaving is prompt.
 5: a task whose sink address is unusable gives its slot back.
-7: a result over the frame limit fails at the worker, naming its size and the limit.
+7: a result over the frame limit fails at the worker, naming its size and the limit, promptly; batched
+   RESULT frames stay under the limit; an error result always fits.
 16: `zfabric worker` with an address it cannot parse exits with the clean error alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -18,11 +20,16 @@ import zmq
 
 import zfabric
 from zfabric import demo_tasks, transport
-from zfabric.protocol import Kind, encode, encode_call
+from zfabric.config import WorkerConfig
+from zfabric.execution import error_entry
+from zfabric.protocol import MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, Status, decode, decode_error, encode, encode_call
+from zfabric.results import ResultRouter
 
 from conftest import ROOT, TASKS, async_wait_for, zfabric_cmd
 
 pytestmark = pytest.mark.timeout(60)
+
+MAX_RESULT_BYTES = MAX_FRAME_BYTES - 64 * 1024  # the largest result a worker sends (room for the envelope)
 
 
 async def worker_free(client: zfabric.Client) -> list[int]:
@@ -58,7 +65,8 @@ async def test_unusable_sink_gives_the_slot_back() -> None:
             async def scheduler_saw_them() -> bool:
                 return (await client.status())["submitted"] >= 30
             await async_wait_for(scheduler_saw_them, timeout=10, what="the bogus tasks to arrive")
-            assert await client.map(demo_tasks.inc, range(50)) == list(range(1, 51))
+            # (on the old worker the bogus tasks kept every slot: these never ran)
+            assert await asyncio.wait_for(client.map(demo_tasks.inc, range(50)), 15) == list(range(1, 51))
 
             async def all_free() -> bool:
                 status = await client.status()
@@ -68,18 +76,78 @@ async def test_unusable_sink_gives_the_slot_back() -> None:
             intake.close(linger=0)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
 async def test_oversize_result_fails_at_the_worker_naming_size_and_limit() -> None:
-    async with zfabric.local(workers=1, app=[TASKS], audit_s=60) as client:
+    async with zfabric.local(workers=1, app=[TASKS]) as client:  # the default audit: every 2 s
         small = [client.submit(demo_tasks.inc, i) for i in range(10)]
-        big = client.submit(demo_tasks.sblob, 70_000_000)
+        assert await client.gather(small[:1]) == [1]  # the worker is up: time only the big result
         started = time.monotonic()
+        big = client.submit(demo_tasks.sblob, 70_000_000)
         with pytest.raises(zfabric.TaskError) as caught:
-            await big
-        assert time.monotonic() - started < 20
+            await asyncio.wait_for(big, 15)  # (the old worker dropped the sink's link: it never came)
+        elapsed = time.monotonic() - started
         message = str(caught.value)
-        assert "70,000,0" in message and "67,043,328" in message, message
+        assert "70,000,0" in message and "67,108,864-byte frame limit" in message, message
+        assert elapsed < 3.5, f"the oversize result took {elapsed:.1f} s to fail: it ran again after an audit"
         assert await client.gather(small) == list(range(1, 11))
+        more = [client.submit(demo_tasks.inc, i) for i in range(10)]
+        assert await client.gather(more) == list(range(1, 11))
+
+
+async def test_result_frames_stay_under_the_frame_limit_and_batch_size() -> None:
+    """Results batched for one sink never make a frame over the limit (nor over MAX_BATCH_TASKS results)."""
+    sink = transport.make_socket(zmq.PULL, connect=False)  # MAXMSGSIZE as every real sink: over it drops the link
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    dropped: list[int] = []
+    router = ResultRouter(WorkerConfig(address="tcp://127.0.0.1:1"), None, 1000, transport.BadInput("test"),
+                          dropped.append)
+    try:
+        address = f"tcp://127.0.0.1:{port}"
+        expected: dict[int, int] = {}
+        for i in range(2500):  # tiny ones, many: several frames
+            assert router.add(address, i, Status.OK, b"x")
+            expected[i] = 1
+        router.flush()
+        assert router.add(address, 9000, Status.OK, b"s" * 1_000_000)  # under MAX_BATCH_BYTES: it waits...
+        assert router.add(address, 9001, Status.OK, b"b" * (MAX_RESULT_BYTES - 100))  # ...but both won't fit
+        expected[9000], expected[9001] = 1_000_000, MAX_RESULT_BYTES - 100
+        assert router.add(address, 9002, Status.OK, b"o" * (MAX_FRAME_BYTES + 10))  # never sent as it is
+        router.flush()
+        got: dict[int, tuple[int, int]] = {}
+        deadline = time.monotonic() + 20
+        while len(got) < len(expected) + 1:
+            assert time.monotonic() < deadline, f"only {len(got)} results arrived (an oversize frame drops the link)"
+            router.retry()
+            if not sink.poll(100):  # (a wait on the socket with a deadline, not a sleep)
+                continue
+            frame = sink.recv(copy=False).bytes
+            assert len(frame) <= MAX_FRAME_BYTES
+            _, (flat,) = decode(frame, expect=[Kind.RESULT])
+            assert len(flat) <= 3 * MAX_BATCH_TASKS
+            for j in range(0, len(flat), 3):
+                got[flat[j]] = (flat[j + 1], len(flat[j + 2]))
+        assert {k: n for k, (status, n) in got.items() if k != 9002} == expected
+        assert all(status == Status.OK for k, (status, _) in got.items() if k != 9002)
+        assert got[9002][0] == Status.ERROR and dropped == []
+    finally:
+        router.close()
+        sink.close(linger=0)
+
+
+def test_an_error_result_always_fits_a_frame() -> None:
+    """A failure's payload is bounded and encodable whatever the task raised."""
+    class BadStr(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    for exc in (ValueError("m" * (MAX_FRAME_BYTES + 1)), ValueError("\udcff lone surrogate"), BadStr()):
+        try:
+            raise exc
+        except Exception as caught:
+            status, data = error_entry(caught)
+        assert status == Status.ERROR and len(data) < 1024 * 1024
+        name, message, _ = decode_error(data)
+        assert name == type(exc).__name__ and message
 
 
 def test_worker_with_an_unparsable_address_exits_cleanly() -> None:

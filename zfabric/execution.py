@@ -25,6 +25,17 @@ OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
 
 MAX_RESULT_BYTES = MAX_FRAME_BYTES - 64 * 1024
 """Largest encoded result: one RESULT frame must stay under the frame limit, or the link to the sink drops."""
+MAX_MESSAGE_CHARS = 64 * 1024
+"""Longest exception message a failure carries (its traceback is cut to `MAX_TRACEBACK_CHARS`): an error
+result must always fit a frame, whatever the task raised."""
+
+
+def oversize_error(size: int) -> bytes:
+    """The error payload for a result of `size` encoded bytes, too large for a RESULT frame."""
+    return encode_error(
+        "ValueError", f"the task's result is {size:,} bytes encoded, over the limit of {MAX_RESULT_BYTES:,} "
+                      f"bytes (the {MAX_FRAME_BYTES:,}-byte frame limit less room for the envelope); return "
+                      "large data by reference (a path or URL) instead")
 
 
 def result_entry(value: Any) -> tuple[int, bytes]:
@@ -33,20 +44,28 @@ def result_entry(value: Any) -> tuple[int, bytes]:
         data = encode_value(value)
     except Exception as exc:
         return Status.ERROR, encode_error(
-            "TypeError", f"the task returned a {type(value).__name__}, which cannot be sent back: {exc}")
+            "TypeError", _cut(f"the task returned a {type(value).__name__}, which cannot be sent back: {exc}"))
     if len(data) > MAX_RESULT_BYTES:
-        return Status.ERROR, encode_error(
-            "ValueError", f"the task's result is {len(data):,} bytes encoded, over the limit of "
-                          f"{MAX_RESULT_BYTES:,} bytes (the {MAX_FRAME_BYTES:,}-byte frame limit less room for "
-                          "the envelope); return large data by reference (a path or URL) instead")
+        return Status.ERROR, oversize_error(len(data))
     return Status.OK, data
+
+
+def _cut(message: str) -> str:
+    """`message` bounded in length and safe to encode (a lone surrogate would make msgpack refuse it)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_entry(exc: BaseException, status: int = Status.ERROR) -> tuple[int, bytes]:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if len(text) > MAX_TRACEBACK_CHARS:
         text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
-    return status, encode_error(type(exc).__name__, str(exc), text)
+    try:
+        message = str(exc)
+    except Exception as str_exc:  # a user exception whose __str__ fails still fails its task, not the worker
+        message = f"<{type(exc).__name__}.__str__ raised {type(str_exc).__name__}>"
+    return status, encode_error(_cut(type(exc).__name__[:200]), _cut(message), _cut(text))
 
 
 def retry_delay(exc: BaseException, options: dict[str, Any], tries: int) -> float | None:

@@ -18,13 +18,15 @@ import zmq
 
 from . import transport
 from .config import WorkerConfig
-from .execution import MAX_RESULT_BYTES
-from .protocol import MAX_BATCH_BYTES, Kind, encode
+from .execution import MAX_RESULT_BYTES, oversize_error
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode
 from .security import Curve
 
 log = logging.getLogger(__name__)
 
 BACKLOG_RETRY_S = 0.005
+ENTRY_OVERHEAD = 16
+"""Most bytes one result adds to a RESULT frame besides its payload (msgpack headers of id, status, bin)."""
 
 
 class _SinkOut:
@@ -51,15 +53,23 @@ class ResultRouter:
         self._retry_scheduled = False
 
     def add(self, sink: str, task_id: int, status: int, data: bytes) -> bool:
-        """Queue one result for `sink`; False if that sink address is unusable."""
+        """Queue one result for `sink`; False if that sink address is unusable.
+
+        No RESULT frame passes the frame limit (or the link to the sink drops and the tasks run again, for
+        ever): a result that would push a batch over it starts the next frame, and one too large for any
+        frame becomes an error saying so. A frame holds at most `MAX_BATCH_TASKS` results, as every batch does.
+        """
         out = self._sinks.get(sink) or self._open(sink)
         if out is None:
             return False
-        if out.results and out.size + len(data) > MAX_RESULT_BYTES:
-            self._send(out)  # no RESULT frame may pass the frame limit: this one starts the next frame
+        if len(data) > MAX_RESULT_BYTES:  # `result_entry` refuses these already: never let one through
+            status, data = Status.ERROR, oversize_error(len(data))
+        size = len(data) + ENTRY_OVERHEAD
+        if out.results and out.size + size > MAX_RESULT_BYTES:
+            self._send(out)  # this one starts the next frame
         out.results += (task_id, status, data)
-        out.size += len(data)
-        if out.size > MAX_BATCH_BYTES:
+        out.size += size
+        if out.size > MAX_BATCH_BYTES or len(out.results) >= 3 * MAX_BATCH_TASKS:
             self._send(out)
         return True
 

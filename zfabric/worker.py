@@ -280,8 +280,15 @@ class Worker(Service):
             self._running[task_id] = sink
             self._threads.submit(task_id, sink, tries, fn, args, kwargs, options)
 
+    def _owns(self, task_id: int) -> bool:
+        """Whether the running asyncio.Task is still the one this worker runs `task_id` as: once a cancel (or
+        a drain) has finished the task, or the id runs again as a new Task, its old coroutine's outcome is void."""
+        return self._running.get(task_id) is asyncio.current_task()
+
     async def _run_async(self, task_id: int, sink: str, tries: int, fn: Callable[..., Any], args: list[Any],
                          kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+        # A cancel can land before the first step, when none of this runs: `_cancel` has then finished the
+        # task already. Every outcome below is checked with `_owns`, so none finishes a task twice.
         timeout = options.get("timeout_s")
         try:
             if timeout is None:
@@ -289,16 +296,17 @@ class Worker(Service):
             else:
                 value = await asyncio.wait_for(fn(*args, **kwargs), timeout)
         except asyncio.CancelledError:
-            if self._stop.is_set() or task_id not in self._running:
-                return
-            self._complete(task_id, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
+            if not self._stop.is_set() and self._owns(task_id):  # the task cancelled itself
+                self._complete(task_id, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
             return
         except asyncio.TimeoutError:
-            self._complete(task_id, sink, Status.TIMEOUT,
-                           encode_error("TaskTimeout", f"task exceeded its timeout of {timeout} s and was cancelled"),
-                           failed=True)
+            if self._owns(task_id):
+                self._complete(task_id, sink, Status.TIMEOUT, encode_error(
+                    "TaskTimeout", f"task exceeded its timeout of {timeout} s and was cancelled"), failed=True)
             return
         except BaseException as exc:
+            if not self._owns(task_id):
+                return
             delay = retry_delay(exc, options, tries)
             if delay is not None:
                 self._retry(task_id, delay)
@@ -306,7 +314,8 @@ class Worker(Service):
                 status, data = error_entry(exc)
                 self._complete(task_id, sink, status, data, failed=True)
             return
-        self._complete(task_id, sink, *result_entry(value))
+        if self._owns(task_id):
+            self._complete(task_id, sink, *result_entry(value))
 
     async def _run_isolated(self, task_id: int, sink: str, tries: int, name: str, args: list[Any],
                             kwargs: dict[str, Any], options: dict[str, Any]) -> None:
@@ -316,10 +325,11 @@ class Worker(Service):
         try:
             status, data, delay = await self._isolated.run(name, args, kwargs, options, tries, options.get("timeout_s"))
         except asyncio.CancelledError:
-            if not self._stop.is_set() and task_id in self._running:
+            if not self._stop.is_set() and self._owns(task_id):
                 self._complete(task_id, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))
             return
-        self._sync_outcome(task_id, sink, status, data, delay)
+        if self._owns(task_id):
+            self._sync_outcome(task_id, sink, status, data, delay)
 
     def _thread_outcome(self, outcome: tuple[int, str, int, bytes, float | None, Any, float]) -> None:
         task_id, sink, status, data, delay, fn, seconds = outcome
