@@ -226,8 +226,9 @@ class SchedulerState:
         if client is None:
             return  # only a task's own client may cancel it (its id is a secret no worker sees)
         client.last_seen = now
-        self._cancel_tasks([t for t in (self.tasks.get(i) if type(i) is int else None for i in ids)
-                            if t is not None and t.client is client], client_left=False)
+        mine = {i: t for i, t in ((i, self.tasks.get(i)) for i in ids if type(i) is int)
+                if t is not None and t.client is client}  # by id: an id named twice is cancelled (and counted) once
+        self._cancel_tasks(list(mine.values()), client_left=False)
 
     def _cancel_tasks(self, tasks: "list[Task]", client_left: bool) -> None:
         """Forget `tasks` and cancel the running ones on their workers.
