@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from .execution import call_sync
 
-Outcome = tuple[int, str, int, bytes, "float | None", Any, float]
-"""(task id, sink, status, payload, retry delay or None, function, seconds it ran)."""
+Outcome = tuple[int, int, str, int, bytes, "float | None", Any, float]
+"""(task id, run, sink, status, payload, retry delay or None, function, seconds it ran)."""
 
 
 class SyncThreads:
@@ -36,9 +36,9 @@ class SyncThreads:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, task_id: int, sink: str, tries: int, fn: Callable[..., Any], args: list[Any],
+    def submit(self, task_id: int, run: int, sink: str, tries: int, fn: Callable[..., Any], args: list[Any],
                kwargs: dict[str, Any], options: dict[str, Any]) -> None:
-        item = [task_id, sink, tries, fn, args, kwargs, options]
+        item = [task_id, run, sink, tries, fn, args, kwargs, options]
         self._unstarted[task_id] = item
         self._queue.put(item)
 
@@ -60,12 +60,12 @@ class SyncThreads:
             item = get()
             if item is None:
                 return
-            task_id, sink, tries, fn, args, kwargs, options = item
+            task_id, run, sink, tries, fn, args, kwargs, options = item
             if unstarted.pop(task_id, None) is None:
                 continue  # withdrawn before it started
             started = time.perf_counter()
             status, data, delay = call_sync(fn, args, kwargs, options, tries)
-            done.append((task_id, sink, status, data, delay, fn, time.perf_counter() - started))
+            done.append((task_id, run, sink, status, data, delay, fn, time.perf_counter() - started))
             if not self._wake_pending:
                 self._wake_pending = True
                 try:
