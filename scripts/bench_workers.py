@@ -5,7 +5,9 @@
     python scripts/bench_workers.py --tree /path/to/other/checkout   # the same run on another version
 
 For each N it prints no-op tasks/s through `client.map` and the scheduler's CPU time per task (from
-/proc, user + system), and the ratios to the smallest N. With --tree, every N also runs on that
+/proc, user + system), medians over the repeats, and the ratios to the smallest N: the median of each
+repeat's ratio to the smallest N's run just before it (a busy machine drifts less within one round).
+Every run is also printed as it ends (stderr). With --tree, every N also runs on that
 checkout's zfabric (PYTHONPATH), interleaved, so both versions see the machine in the same mood.
 Speed is printed, never asserted.
 """
@@ -85,24 +87,26 @@ def main() -> None:
     parser.add_argument("--tree", default=None, help="another checkout to run beside this one")
     args = parser.parse_args()
     trees = {"this": ROOT} | ({"other": args.tree} if args.tree else {})
-    counts = [int(n) for n in args.workers.split(",")]
+    counts = sorted(int(n) for n in args.workers.split(","))
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
     port = 27100
     for _ in range(args.repeat):
         for n in counts:
             for name, tree in trees.items():
                 port += 2
-                print(f"[bench] {name}: {n} workers ...", file=sys.stderr, flush=True)
-                rows.setdefault((name, n), []).append(run_fresh(tree, n, args.tasks, port))
+                row = run_fresh(tree, n, args.tasks, port)
+                rows.setdefault((name, n), []).append(row)
+                print(f"[bench] {name}: {n} workers: {row['tasks_per_s']:,.0f} tasks/s, "
+                      f"{row['sched_us_per_task']:.2f} µs/task", file=sys.stderr, flush=True)
     print(f"\n{'version':8} {'workers':>7} {'tasks/s':>10} {'sched µs/task':>14} {'t/s vs min N':>13} {'µs vs min N':>12}")
     for name in trees:
-        base = None
         for n in counts:
-            runs = rows[(name, n)]
+            runs, base = rows[(name, n)], rows[(name, counts[0])]
             tps = statistics.median(r["tasks_per_s"] for r in runs)
             us = statistics.median(r["sched_us_per_task"] for r in runs)
-            base = base or (tps, us)
-            print(f"{name:8} {n:7d} {tps:10,.0f} {us:14.2f} {tps / base[0]:13.2f} {us / base[1]:12.2f}")
+            tps_ratio = statistics.median(r["tasks_per_s"] / b["tasks_per_s"] for r, b in zip(runs, base))
+            us_ratio = statistics.median(r["sched_us_per_task"] / b["sched_us_per_task"] for r, b in zip(runs, base))
+            print(f"{name:8} {n:7d} {tps:10,.0f} {us:14.2f} {tps_ratio:13.2f} {us_ratio:12.2f}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,32 @@ def test_dispatch_respects_credit_and_prefers_most_free() -> None:
     assert s.n_queued == 5
 
 
+def test_fast_tasks_go_out_in_big_shares_slow_ones_spread() -> None:
+    """Issue 10: while the fabric finishes tasks fast, a dispatch does not cut a batch into one message per
+    worker (DISPATCH and DONE per task would grow with the workers); slow tasks still spread."""
+    from zfabric.scheduling import MAX_SHARE, MIN_SHARE
+    s = make(max_queued=100_000)
+    for i in range(100):
+        s.worker_hello(b"w%d" % i, "w", 1, 1000, [], 1, "h", 0.0)
+    s.tick(0.0)
+    sent(s)
+    submit(s, list(range(1, 1001)))  # nothing finished yet: spread, MIN_SHARE each
+    first = dispatched(s)
+    assert len(first) == -(-1000 // MIN_SHARE)
+    for wid, ids in first.items():  # all finish within 10 ms: 100,000 tasks/s
+        s.worker_done(wid, 1, 1, len(ids), ids, 0, [], 0.01)
+    s.tick(0.01)
+    sent(s)
+    submit(s, list(range(1001, 2001)), now=0.01)
+    assert sorted(len(ids) for ids in dispatched(s).values()) == [MAX_SHARE] * (1000 // MAX_SHARE)
+    for t in (0.1, 0.2, 0.3):  # nothing finishes any more: the rate decays, tasks spread again
+        s.tick(t)
+    sent(s)
+    submit(s, list(range(2001, 3001)), now=0.3)
+    assert len(dispatched(s)) == -(-1000 // MIN_SHARE)
+    s.validate()
+
+
 def test_priority_order() -> None:
     s = make()
     submit(s, [1, 2], priority=0)

@@ -33,6 +33,13 @@ MAX_LOST_ALONE = 5
 MIN_SHARE = 64
 """Fewest tasks a dispatch hands one worker while more are queued: spread thinner over many workers, the
 messages per task (DISPATCH and DONE) grow with the number of workers."""
+DISPATCHES_PER_S = 100
+"""While tasks finish fast, a dispatch hands one worker at least ``finish_rate / DISPATCHES_PER_S`` tasks
+(`MIN_SHARE` to `MAX_SHARE`), so a fast stream's DISPATCH and DONE messages per task (each wakes a process
+at both ends) stop growing with the number of workers. Slow tasks finish at a low rate: they keep the
+floor at `MIN_SHARE` and spread as widely as before."""
+MAX_SHARE = MAX_BATCH_TASKS // 2
+"""The floor's ceiling: half a DISPATCH, so even the fastest stream goes to two workers at a time or more."""
 
 Outgoing = tuple[str, Any, bytes]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
@@ -57,6 +64,8 @@ class SchedulerState:
         self._tiebreak = itertools.count()
         self.free_total = 0  # free slots of live, non-draining workers
         self._last_heartbeat = float("-inf")
+        self.finish_rate = 0.0  # tasks finished per second, smoothed over ticks (see DISPATCHES_PER_S)
+        self._rate_mark: tuple[float, int] | None = None  # (now, tasks finished) at the last tick
         self.refused_clients = 0  # evicted to make room, or refused for lack of it
 
     # ---- indexes --------------------------------------------------------------------------
@@ -447,9 +456,11 @@ class SchedulerState:
         remaining = min(self.queue.n_ready, free_total)
         if remaining <= 0:
             return
-        # Most free first, each worker a share in proportion to its free slots. Every worker popped gets at
-        # least one task, so a dispatch costs O(tasks * log workers), whatever the number of workers.
+        # Most free first, each worker a share in proportion to its free slots, no less than `least`. Every
+        # worker popped gets at least one task, so a dispatch costs O(tasks * log workers), whatever the
+        # number of workers.
         ready, workers = self._ready, self.workers
+        least = max(MIN_SHARE, min(MAX_SHARE, int(self.finish_rate) // DISPATCHES_PER_S))
         served: list[WorkerRecord] = []
         seen: set[WorkerRecord] = set()
         while remaining > 0 and ready:
@@ -457,7 +468,7 @@ class SchedulerState:
             if (-negfree != worker.free or worker.free <= 0 or worker.draining or worker in seen
                     or workers.get(worker.wid) is not worker):
                 continue  # stale entry
-            share = min(worker.free, remaining, max(MIN_SHARE, -(-remaining * worker.free // free_total)))
+            share = min(worker.free, remaining, max(least, -(-remaining * worker.free // free_total)))
             free_total -= worker.free
             served.append(worker)
             seen.add(worker)
@@ -510,8 +521,13 @@ class SchedulerState:
     # ---- time -----------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Heartbeats out, silent peers expired, due retries queued."""
+        """Heartbeats out, silent peers expired, due retries queued, the finishing rate sampled."""
         timing = self.config.timing
+        finished = self.counters.done + self.counters.failed
+        if self._rate_mark is not None and now > self._rate_mark[0]:
+            sample = (finished - self._rate_mark[1]) / (now - self._rate_mark[0])
+            self.finish_rate += (sample - self.finish_rate) / 2
+        self._rate_mark = (now, finished)
         if now - self._last_heartbeat >= timing.heartbeat_s:
             self._last_heartbeat = now
             for worker in self.workers.values():
