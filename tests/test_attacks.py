@@ -55,8 +55,8 @@ from zfabric import demo_tasks, security, transport
 from zfabric.config import SchedulerConfig, Timing
 from zfabric.errors import ConfigError, ProtocolError, TaskRejected
 from zfabric.execution import retry_delay
-from zfabric.protocol import (MAX_FRAME_BYTES, SCHEMA, VERSION, Kind, Status, decode, decode_call, decode_error,
-                              encode, encode_call, encode_value)
+from zfabric.protocol import (MAX_FRAME_BYTES, MESSAGES, SCHEMA, payload_of, VERSION, Kind, Status, decode, decode_call, decode_error,
+                              encode_fields, encode_call, encode_value)
 from zfabric.records import DELAYED, QUEUED, RUNNING, SUSPECT
 from zfabric.scheduling import SchedulerState
 from conftest import ROOT, TASKS, Fabric, async_wait_for, read_line_matching, start_fabric, zfabric_cmd
@@ -119,8 +119,10 @@ def check_decode(frame: bytes, expect: tuple[Kind, ...] | None = None) -> str:
     if expect is not None:
         assert kind in expect
     schema = SCHEMA[kind]
-    assert type(fields) is list and len(fields) == len(schema)
-    for value, typ in zip(fields, schema):
+    assert type(fields) is MESSAGES[kind]
+    header = fields[:-1] if fields._fields[-1] == "frames" else fields
+    assert len(header) == len(schema)
+    for value, typ in zip(header, schema):
         assert isinstance(value, typ) and not isinstance(value, bool), (kind, value, typ)
     return "accepted"
 
@@ -195,8 +197,8 @@ def test_fuzz_valid_envelopes_round_trip(capsys: pytest.CaptureFixture[str]) -> 
     def run(envelope: tuple[Kind, list[Any]]) -> None:
         FUZZED["round trip"] += 1
         kind, fields = envelope
-        assert decode(encode(kind, *fields)) == (kind, fields)
-        assert check_decode(encode(kind, *fields), expect=(kind,)) == "accepted"
+        assert decode(encode_fields(kind, *fields)) == (kind, MESSAGES[kind](*fields))
+        assert check_decode(encode_fields(kind, *fields), expect=(kind,)) == "accepted"
 
     run()
     report(capsys, f"fuzz: {FUZZED['round trip']} valid envelopes of every kind round-tripped")
@@ -629,7 +631,7 @@ GARBAGE = [  # single frames: each is dropped and counted as one bad message
     msgpack.packb([VERSION, Kind.DISPATCH, 1, 1, 1, []]),  # a kind that never comes this way
     msgpack.packb([VERSION, Kind.RESULT, [msgpack.ExtType(1, b"x")]]),
     msgpack.packb([VERSION, True, 1]), msgpack.packb([VERSION, Kind.CLIENT_HELLO, {1: 2}, "x"][:3]),
-    encode(Kind.CLIENT_HELLO, b"x", "tcp://127.0.0.1:1")[:-3],  # truncated
+    encode_fields(Kind.CLIENT_HELLO, b"x", "tcp://127.0.0.1:1")[:-3],  # truncated
 ]
 BOMBS = [  # msgpack bombs: lying length headers, deep nesting, wide arrays
     b"\xdd\xff\xff\xff\xff", b"\x93\x01\x0b\xdd\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff" + b"x" * 100,
@@ -647,8 +649,8 @@ def garbage_messages(for_router: bool) -> list[list[bytes]]:
     msgs += [[b"a", b"b"], [b"x"] * 3]  # multi-frame (through a ROUTER, one more: the routing id)
     msgs.append([TWENTY_MB])
     if not for_router:  # a decodable SUBMIT whose flat list is 65535 empty arrays (to an unreachable sink)
-        msgs.append([encode(Kind.SUBMIT, b"\x01" * 8, "tcp://127.0.0.1:1", "", [[]] * 65535)])  # over the budget
-        msgs.append([encode(Kind.SUBMIT, b"\x01" * 8, "tcp://127.0.0.1:1", "", [[], 0, b"x", "id", 0, b"y"])])
+        msgs.append([encode_fields(Kind.SUBMIT, b"\x01" * 8, "tcp://127.0.0.1:1", "", [[]] * 65535)])  # over the budget
+        msgs.append([encode_fields(Kind.SUBMIT, b"\x01" * 8, "tcp://127.0.0.1:1", "", [[], 0, b"x", "id", 0, b"y"])])
     return msgs
 
 
@@ -1126,23 +1128,24 @@ class RawClient:
         flat: list[Any] = []
         for task_id, payload in tasks.items():
             flat += [task_id, 0, payload]
-        self.push.send(encode(Kind.SUBMIT, self.cid, self.sink_address, "", flat))
+        self.push.send(encode_fields(Kind.SUBMIT, self.cid, self.sink_address, "", flat))
 
     def results(self, ids: set[int], timeout: float) -> dict[int, tuple[int, bytes]]:
         out: dict[int, tuple[int, bytes]] = {}
         deadline = time.monotonic() + timeout
         while not ids <= set(out) and time.monotonic() < deadline:
             if self.sink.poll(200):
-                kind, fields = decode(self.sink.recv())
+                frames = self.sink.recv_multipart()
+                kind, message = decode(frames if len(frames) > 1 else frames[0])
                 if kind == Kind.RESULT:
-                    flat = fields[0]
+                    flat = message.results
                     for i in range(0, len(flat) - 2, 3):
-                        out[flat[i]] = (flat[i + 1], flat[i + 2])
+                        out[flat[i]] = (flat[i + 1], bytes(payload_of(flat[i + 2], message.frames)))
         return out
 
     def close(self) -> None:
         self.push.setsockopt(zmq.LINGER, 1000)
-        self.push.send(encode(Kind.CLIENT_BYE, self.cid, self.sink_address))
+        self.push.send(encode_fields(Kind.CLIENT_BYE, self.cid, self.sink_address))
         self.push.close()
         self.sink.close()
 
@@ -1311,7 +1314,7 @@ async def test_bogus_client_registrations_do_not_lock_out_real_clients(tmp_path:
             while not stop:
                 for _ in range(100):
                     sent += 1
-                    push.send(encode(Kind.CLIENT_HELLO, os.urandom(8), f"tcp://127.0.0.1:{1 + sent % 60000}"))
+                    push.send(encode_fields(Kind.CLIENT_HELLO, os.urandom(8), f"tcp://127.0.0.1:{1 + sent % 60000}"))
                 time.sleep(0.05)  # sync-ok: the attack's pace (2,000 hellos/s), not a synchronisation
         finally:
             push.close()

@@ -19,7 +19,7 @@ import zfabric
 from zfabric import demo_tasks
 from zfabric.errors import SubmitError
 from zfabric.handle import SENT, Handle
-from zfabric.protocol import MAX_FRAME_BYTES, Kind, decode, encode, encode_call
+from zfabric.protocol import MAX_FRAME_BYTES, Kind, decode, encode_fields, encode_call
 from conftest import LOOPBACK, ROOT, TASKS, Fabric, async_wait_for, free_port_pair, read_line_matching, zfabric_cmd
 
 
@@ -47,10 +47,10 @@ async def test_forged_cancel_and_bye_from_task_ids_do_not_cancel_a_victims_tasks
             attacker.connect(fabric.address)
             port = reply.bind_to_random_port(f"tcp://{LOOPBACK}")
             for cid_guess in guesses:
-                await attacker.send(encode(Kind.CANCEL, cid_guess, "", ids))
-                await attacker.send(encode(Kind.CLIENT_BYE, cid_guess, ""))
+                await attacker.send(encode_fields(Kind.CANCEL, cid_guess, "", ids))
+                await attacker.send(encode_fields(Kind.CLIENT_BYE, cid_guess, ""))
             # A status request on the same connection is answered only after the forged frames were handled.
-            await attacker.send(encode(Kind.STATUS_REQUEST, f"tcp://{LOOPBACK}:{port}"))
+            await attacker.send(encode_fields(Kind.STATUS_REQUEST, f"tcp://{LOOPBACK}:{port}"))
             kind, fields = decode(await asyncio.wait_for(reply.recv(), 10))
             assert kind == Kind.STATUS_REPLY
             assert fields[0]["cancelled"] == 0, fields[0]

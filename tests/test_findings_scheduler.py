@@ -16,7 +16,7 @@ import zmq
 import zfabric
 from zfabric import transport
 from zfabric.config import FabricAddress, SchedulerConfig
-from zfabric.protocol import Kind, encode
+from zfabric.protocol import Kind, encode_fields
 from zfabric.scheduling import SchedulerState
 
 from conftest import TASKS, Fabric, async_wait_for, start_fabric
@@ -41,7 +41,7 @@ async def test_done_from_an_unregistered_peer_finishes_nothing(fresh_fabric: Fab
             forger.connect(FabricAddress.parse(fresh_fabric.address).workers)
             ids = [h.id for h in handles]
             for seq in (1, 2):
-                forger.send(encode(Kind.DONE, 1, seq, 10, ids, 0, []))
+                forger.send(encode_fields(Kind.DONE, 1, seq, 10, ids, 0, []))
             # The scheduler answers an unknown peer with REGISTER: then it has seen the DONEs.
             await async_wait_for(lambda: forger.poll(0), timeout=10, what="the scheduler's answer to the forger")
             status = await client.status()
@@ -59,7 +59,7 @@ async def test_status_flood_with_dead_reply_addresses_keeps_descriptors_bounded(
     try:
         flooder.connect(fresh_fabric.address)
         for i in range(5000):  # ports nobody listens on, each one different
-            flooder.send(encode(Kind.STATUS_REQUEST, f"tcp://127.0.0.1:{1 + i % 900}"))
+            flooder.send(encode_fields(Kind.STATUS_REQUEST, f"tcp://127.0.0.1:{1 + i % 900}"))
         async with zfabric.Client(fresh_fabric.address) as client:
             # The intake is first in, first out: once our own request is answered, the flood was handled.
             status = await client.status(timeout_s=30)

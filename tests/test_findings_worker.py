@@ -22,7 +22,7 @@ import zfabric
 from zfabric import demo_tasks, transport
 from zfabric.config import WorkerConfig
 from zfabric.execution import error_entry
-from zfabric.protocol import MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, Status, decode, decode_error, encode, encode_call
+from zfabric.protocol import MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, Status, decode, decode_error, encode_call, encode_fields, payload_of
 from zfabric.results import ResultRouter
 
 from conftest import ROOT, TASKS, async_wait_for, zfabric_cmd
@@ -60,7 +60,7 @@ async def test_unusable_sink_gives_the_slot_back() -> None:
             flat: list[Any] = []
             for i in range(30):
                 flat += (7_000_000 + i, 0, encode_call(f"{TASKS}:inc", [i], {}, {}))
-            intake.send(encode(Kind.SUBMIT, os.urandom(16), "bogus", "", flat))
+            intake.send(encode_fields(Kind.SUBMIT, os.urandom(16), "bogus", "", flat))
 
             async def scheduler_saw_them() -> bool:
                 return (await client.status())["submitted"] >= 30
@@ -120,12 +120,13 @@ async def test_result_frames_stay_under_the_frame_limit_and_batch_size() -> None
             router.retry()
             if not sink.poll(100):  # (a wait on the socket with a deadline, not a sleep)
                 continue
-            frame = sink.recv(copy=False).bytes
-            assert len(frame) <= MAX_FRAME_BYTES
-            _, (flat,) = decode(frame, expect=[Kind.RESULT])
+            frames = sink.recv_multipart()
+            assert all(len(frame) <= MAX_FRAME_BYTES for frame in frames)
+            _, result = decode(frames if len(frames) > 1 else frames[0], expect=[Kind.RESULT])
+            flat = result.results
             assert len(flat) <= 3 * MAX_BATCH_TASKS
             for j in range(0, len(flat), 3):
-                got[flat[j]] = (flat[j + 1], len(flat[j + 2]))
+                got[flat[j]] = (flat[j + 1], len(payload_of(flat[j + 2], result.frames)))
         assert {k: n for k, (status, n) in got.items() if k != 9002} == expected
         assert all(status == Status.OK for k, (status, _) in got.items() if k != 9002)
         assert got[9002][0] == Status.ERROR and dropped == []

@@ -1,6 +1,6 @@
-"""Golden wire vectors: the exact bytes of every message kind (wire version 1), both directions.
+"""Golden wire vectors: the exact bytes of every message kind (wire version 2), both directions.
 
-Each case is (file under tests/golden/, Kind, fields). The files are the reference for implementations
+Each case is (file under tests/golden/, message). The files are the reference for implementations
 in other languages and are shown, with their meaning, in docs/PROTOCOL.md. This table is the source of
 truth for their content: a change here, or in `zfabric.protocol`, that alters a byte fails this test.
 """
@@ -13,10 +13,33 @@ import pytest
 
 from zfabric.errors import ProtocolError
 from zfabric.protocol import (
+    MESSAGES,
+    PAYLOAD_FRAME_BYTES,
     SCHEMA,
     VERSION,
+    Accepted,
+    Audit,
+    Cancel,
+    ClientBye,
+    ClientHello,
+    Dispatch,
+    Done,
+    Drain,
+    Heartbeat,
     Kind,
+    Message,
+    Missing,
+    Register,
+    Rejected,
+    Result,
     Status,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    Welcome,
+    WorkerBye,
+    WorkerHeartbeat,
+    WorkerHello,
     decode,
     decode_call,
     decode_error,
@@ -25,6 +48,7 @@ from zfabric.protocol import (
     encode_call,
     encode_error,
     encode_value,
+    payload_of,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -45,62 +69,90 @@ ERROR = encode_error("ValueError", "scale must be positive",
                      "Traceback (most recent call last):\n  ...\nValueError: scale must be positive\n")
 VALUE = encode_value(50)
 
-CASES: list[tuple[str, Kind, tuple]] = [
-    ("client_hello.bin", Kind.CLIENT_HELLO, (CLIENT_ID, SINK)),
-    ("submit.bin", Kind.SUBMIT, (CLIENT_ID, SINK, "", [TASK1, 0, CALL, TASK2, 5, CALL2])),
-    ("cancel.bin", Kind.CANCEL, (CLIENT_ID, SINK, [TASK2])),
-    ("cancel_to_worker.bin", Kind.CANCEL, (b"", "", [TASK2])),
-    ("client_bye.bin", Kind.CLIENT_BYE, (CLIENT_ID, SINK)),
-    ("status_request.bin", Kind.STATUS_REQUEST, (SINK,)),
-    ("audit.bin", Kind.AUDIT, (CLIENT_ID, SINK, [TASK1, TASK2])),
-    ("welcome.bin", Kind.WELCOME, (EPOCH, 0.5)),
-    ("accepted.bin", Kind.ACCEPTED, (EPOCH, [TASK1, TASK2])),
-    ("rejected.bin", Kind.REJECTED, (EPOCH, [TASK2, "task id already used by another client"])),
-    ("heartbeat.bin", Kind.HEARTBEAT, (EPOCH, SESSION, 3)),
-    ("heartbeat_to_client.bin", Kind.HEARTBEAT, (EPOCH, 0, 0)),
-    ("status_reply.bin", Kind.STATUS_REPLY, ({"epoch": EPOCH, "queued": 0, "running": 1},)),
-    ("missing.bin", Kind.MISSING, (EPOCH, [TASK2])),
-    ("result.bin", Kind.RESULT, ([TASK1, Status.OK, VALUE, TASK2, Status.ERROR, ERROR],)),
-    ("worker_hello.bin", Kind.WORKER_HELLO, ("gpu-box-4242", SESSION, 10000, [], 4242, "gpu-box/10.0.0.3")),
-    ("done.bin", Kind.DONE, (SESSION, 4, 3, [TASK1, TASK2], 1, [TASK3, 0.25])),
-    ("worker_heartbeat.bin", Kind.WORKER_HEARTBEAT, (SESSION, 4)),
-    ("drain.bin", Kind.DRAIN, (SESSION, [TASK3])),
-    ("worker_bye.bin", Kind.WORKER_BYE, (SESSION,)),
-    ("register.bin", Kind.REGISTER, (EPOCH,)),
-    ("dispatch.bin", Kind.DISPATCH, (EPOCH, SESSION, 3, [[SINK, [TASK1, 0, CALL, TASK2, 0, CALL2]]])),
-    ("dispatch_isolated.bin", Kind.DISPATCH, (EPOCH, SESSION, 4, [[SINK, [TASK3, 2, CALL2], 1]])),
-]
+BIG_CALL = encode_call("myapp.tasks:size", [bytes(PAYLOAD_FRAME_BYTES)], {}, {})
+"""A call too large to sit inline: it travels as the payload frame after the envelope (entry ``1``)."""
+BIG_VALUE = encode_value(bytes(PAYLOAD_FRAME_BYTES))
 
-PAYLOADS: list[tuple[str, bytes]] = [("call.bin", CALL), ("error.bin", ERROR)]
+CASES: list[tuple[str, Message]] = [
+    ("client_hello.bin", ClientHello(CLIENT_ID, SINK)),
+    ("submit.bin", Submit(CLIENT_ID, SINK, "", [TASK1, 0, CALL, TASK2, 5, CALL2])),
+    ("submit_with_frame.bin", Submit(CLIENT_ID, SINK, "", [TASK1, 0, CALL, TASK3, 0, 1], (BIG_CALL,))),
+    ("cancel.bin", Cancel(CLIENT_ID, SINK, [TASK2])),
+    ("cancel_to_worker.bin", Cancel(b"", "", [TASK2])),
+    ("client_bye.bin", ClientBye(CLIENT_ID, SINK)),
+    ("status_request.bin", StatusRequest(SINK)),
+    ("audit.bin", Audit(CLIENT_ID, SINK, [TASK1, TASK2])),
+    ("welcome.bin", Welcome(EPOCH, 0.5)),
+    ("accepted.bin", Accepted(EPOCH, [TASK1, TASK2])),
+    ("rejected.bin", Rejected(EPOCH, [TASK2, "task id already used by another client"])),
+    ("heartbeat.bin", Heartbeat(EPOCH, SESSION, 3)),
+    ("heartbeat_to_client.bin", Heartbeat(EPOCH, 0, 0)),
+    ("status_reply.bin", StatusReply({"epoch": EPOCH, "queued": 0, "running": 1})),
+    ("missing.bin", Missing(EPOCH, [TASK2])),
+    ("result.bin", Result([TASK1, Status.OK, VALUE, TASK2, Status.ERROR, ERROR])),
+    ("result_with_frame.bin", Result([TASK1, Status.OK, VALUE, TASK3, Status.OK, 1], (BIG_VALUE,))),
+    ("worker_hello.bin", WorkerHello("gpu-box-4242", SESSION, 10000, [], 4242, "gpu-box/10.0.0.3")),
+    ("done.bin", Done(SESSION, 4, 3, [TASK1, TASK2], 1, [TASK3, 0.25])),
+    ("worker_heartbeat.bin", WorkerHeartbeat(SESSION, 4)),
+    ("drain.bin", Drain(SESSION, [TASK3])),
+    ("worker_bye.bin", WorkerBye(SESSION)),
+    ("register.bin", Register(EPOCH)),
+    ("dispatch.bin", Dispatch(EPOCH, SESSION, 3, [[SINK, [TASK1, 0, CALL, TASK2, 0, CALL2]]])),
+    ("dispatch_with_frame.bin", Dispatch(EPOCH, SESSION, 5, [[SINK, [TASK3, 0, 1]]], (BIG_CALL,))),
+    ("dispatch_isolated.bin", Dispatch(EPOCH, SESSION, 4, [[SINK, [TASK3, 2, CALL2], 1]])),
+]
+"""Each file holds the envelope; a message ``..._with_frame`` also has one payload frame after it, whose
+bytes are in ``big_call.bin`` (SUBMIT, DISPATCH) or ``big_value.bin`` (RESULT)."""
+
+PAYLOADS: list[tuple[str, bytes]] = [("call.bin", CALL), ("error.bin", ERROR), ("big_call.bin", BIG_CALL),
+                                     ("big_value.bin", BIG_VALUE)]
 
 
 def _read(name: str) -> bytes:
     return (GOLDEN / name).read_bytes()
 
 
+def _frames(name: str, message: Message) -> list[bytes]:
+    """The message as the files hold it: the envelope, then its payload frames."""
+    frames = getattr(message, "frames", ())
+    return [_read(name)] + [_read("big_call.bin" if f == BIG_CALL else "big_value.bin") for f in frames]
+
+
 def test_every_kind_has_a_vector() -> None:
-    assert {kind for _, kind, _ in CASES} == set(Kind) == set(SCHEMA)
-    assert VERSION == 1
-    files = {name for name, _, _ in CASES} | {name for name, _ in PAYLOADS}
+    assert {type(message) for _, message in CASES} == set(MESSAGES.values())
+    assert set(MESSAGES) == set(Kind) == set(SCHEMA)
+    assert VERSION == 2
+    files = {name for name, _ in CASES} | {name for name, _ in PAYLOADS}
     assert files == {p.name for p in GOLDEN.glob("*.bin")}
 
 
-@pytest.mark.parametrize("name, kind, fields", CASES, ids=[c[0] for c in CASES])
-def test_encode_matches_file(name: str, kind: Kind, fields: tuple) -> None:
-    assert encode(kind, *fields) == _read(name)
+@pytest.mark.parametrize("name, message", CASES, ids=[c[0] for c in CASES])
+def test_encode_matches_files(name: str, message: Message) -> None:
+    wire = encode(message)
+    assert ([wire] if isinstance(wire, bytes) else wire) == _frames(name, message)
 
 
-@pytest.mark.parametrize("name, kind, fields", CASES, ids=[c[0] for c in CASES])
-def test_decode_matches_fields(name: str, kind: Kind, fields: tuple) -> None:
-    got_kind, got_fields = decode(_read(name))
-    assert got_kind is kind
-    assert got_fields == list(fields)
+@pytest.mark.parametrize("name, message", CASES, ids=[c[0] for c in CASES])
+def test_decode_matches_message(name: str, message: Message) -> None:
+    frames = _frames(name, message)
+    kind, got = decode(frames[0] if len(frames) == 1 else frames)
+    assert type(got) is type(message) and MESSAGES[kind] is type(message)
+    assert got == message
 
 
-@pytest.mark.parametrize("name, kind, fields", CASES, ids=[c[0] for c in CASES])
-def test_flipped_version_is_refused(name: str, kind: Kind, fields: tuple) -> None:
+def test_payload_frames_are_named_by_number() -> None:
+    _, submit = decode(_frames(*CASES[2]))
+    tasks, frames = submit.tasks, submit.frames
+    assert payload_of(tasks[2], frames) == CALL and payload_of(tasks[5], frames) == BIG_CALL
+    assert payload_of(2, frames) is None and payload_of(0, frames) is None and payload_of("x", frames) is None
+    with pytest.raises(ProtocolError, match="carries no payload frames"):
+        decode([_read("register.bin"), BIG_CALL])
+
+
+@pytest.mark.parametrize("name, message", CASES, ids=[c[0] for c in CASES])
+def test_flipped_version_is_refused(name: str, message: Message) -> None:
     data = _read(name)
-    # Every envelope here is a fixarray (0x90 | n): the version is the next byte, positive fixint 0x01.
+    # Every envelope here is a fixarray (0x90 | n): the version is the next byte, positive fixint 0x02.
     assert data[0] & 0xF0 == 0x90 and data[1] == VERSION
     for bit in range(8):
         flipped = bytearray(data)
@@ -108,8 +160,8 @@ def test_flipped_version_is_refused(name: str, kind: Kind, fields: tuple) -> Non
         with pytest.raises(ProtocolError):
             decode(bytes(flipped))
     wrong = bytearray(data)
-    wrong[1] = 0x02  # the next version
-    with pytest.raises(ProtocolError, match="protocol version 2"):
+    wrong[1] = 0x03  # the next version
+    with pytest.raises(ProtocolError, match="protocol version 3"):
         decode(bytes(wrong))
 
 
@@ -123,3 +175,13 @@ def test_payload_vectors() -> None:
         "ValueError", "scale must be positive",
         "Traceback (most recent call last):\n  ...\nValueError: scale must be positive\n")
     assert decode_value(VALUE) == 50 and VALUE == b"\x32"
+
+
+if __name__ == "__main__":  # after a deliberate change of the wire: python tests/test_golden.py
+    for old in GOLDEN.glob("*.bin"):
+        old.unlink()
+    for name, message in CASES:
+        wire = encode(message)
+        (GOLDEN / name).write_bytes(wire if isinstance(wire, bytes) else wire[0])
+    for name, data in PAYLOADS:
+        (GOLDEN / name).write_bytes(data)

@@ -49,7 +49,7 @@ def test_first_contact_welcomes_and_accepts() -> None:
     assert [o[2] for o in sent(s, "client")] == [Kind.WELCOME]
     s.tick(0.1)  # acknowledgements go out in batches, each tick
     out = [o for o in sent(s, "client") if o[2] == Kind.ACCEPTED]
-    assert out[0][3] == [7, [1, 2]]
+    assert list(out[0][3]) == [7, [1, 2]]
     assert s.n_queued == 2
 
 
@@ -276,7 +276,7 @@ def test_audit_names_tasks_not_held() -> None:
     sent(s)
     s.audit(CID, SINK, [1, 2, 3], 0.2)
     missing = [o for o in sent(s, "client") if o[2] == Kind.MISSING]
-    assert missing[0][3] == [7, [1, 3]]
+    assert list(missing[0][3]) == [7, [1, 3]]
 
 
 def test_restarted_scheduler_adopts_tasks_still_running_on_a_worker() -> None:

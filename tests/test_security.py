@@ -16,7 +16,7 @@ import zfabric
 from zfabric import demo_tasks
 from zfabric.config import SchedulerConfig
 from zfabric.errors import ConfigError
-from zfabric.protocol import Kind, Status, encode, encode_value
+from zfabric.protocol import Kind, Status, encode_fields, encode_value
 from zfabric.security import generate_keys
 from conftest import TASKS, ROOT, read_line_matching, zfabric_cmd
 
@@ -110,7 +110,7 @@ async def test_strangers_cannot_inject_results_into_a_sink(secure: str, keys: Pa
     async with zfabric.Client(secure, curve=zfabric.CurveConfig(str(keys))) as client:
         handle = client.submit(demo_tasks.asleep, 1.0, "real")
         endpoint = client.sink_address.split("#")[0]
-        forged = encode(Kind.RESULT, [handle.id, Status.OK, encode_value("forged")])
+        forged = encode_fields(Kind.RESULT, [handle.id, Status.OK, encode_value("forged")])
         ctx = zmq.Context.instance()
         plain = ctx.socket(zmq.PUSH)
         plain.setsockopt(zmq.LINGER, 0)

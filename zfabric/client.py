@@ -26,7 +26,8 @@ from .client_state import (ENVELOPE_HEADROOM, MAX_CALL_BYTES, ClientState, SayHe
                            SendSubmit)
 from .errors import FabricUnreachable, SubmitError
 from .handle import Handle
-from .protocol import MAX_BATCH_TASKS, MAX_FRAME_BYTES, Kind, describe_unencodable, encode, encode_call
+from .protocol import (MAX_BATCH_TASKS, MAX_FRAME_BYTES, Audit, Cancel, ClientBye, ClientHello, Kind, StatusRequest,
+                       Submit, describe_unencodable, encode, encode_call)
 from .registry import function_name
 from .submitter import Submitter, TaskRef
 from .security import Curve
@@ -182,7 +183,7 @@ class Client(Submitter, Service):
             return
         self._started = False
         try:
-            self._intake.send(encode(Kind.CLIENT_BYE, self._client_id, self.sink_address), zmq.NOBLOCK)
+            self._intake.send(encode(ClientBye(self._client_id, self.sink_address)), zmq.NOBLOCK)
         except zmq.Again:
             pass
         await self._end_tasks()
@@ -293,11 +294,11 @@ class Client(Submitter, Service):
         send = self._to_scheduler.send
         for command in state.take():
             if isinstance(command, SendSubmit):
-                send(encode(Kind.SUBMIT, cid, sink, self.config.results_to, command.flat))
+                send(encode(Submit(cid, sink, self.config.results_to, command.flat, tuple(command.frames))))
             elif isinstance(command, SendCancel):
-                send(encode(Kind.CANCEL, cid, sink, command.ids))
+                send(encode(Cancel(cid, sink, command.ids)))
             elif isinstance(command, SendAudit):
-                send(encode(Kind.AUDIT, cid, sink, command.ids))
+                send(encode(Audit(cid, sink, command.ids)))
             elif isinstance(command, SayHello):
                 self._hello()
 
@@ -313,12 +314,12 @@ class Client(Submitter, Service):
 
     # ---- receiving ------------------------------------------------------------------------
 
-    def _on_sink(self, batch: list[list[bytes]]) -> None:
+    def _on_sink(self, batch: list[list[Any]]) -> None:
         self._last_heard = time.monotonic()
         state = self._state
         for _, kind, f in transport.messages(batch, _SINK_KINDS, self.bad_input, "sink"):
             if kind == Kind.RESULT:
-                state.results(f[0])
+                state.results(f.results, f.frames)
             elif kind == Kind.HEARTBEAT:
                 state.heard(f[0])
             elif kind == Kind.ACCEPTED:
@@ -343,7 +344,7 @@ class Client(Submitter, Service):
 
     def _hello(self) -> None:
         try:
-            self._intake.send(encode(Kind.CLIENT_HELLO, self._client_id, self.sink_address), zmq.NOBLOCK)
+            self._intake.send(encode(ClientHello(self._client_id, self.sink_address)), zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet; the ticker says hello again
 
@@ -379,7 +380,7 @@ class Client(Submitter, Service):
         """The scheduler's counters: workers, queued, running, done, failed, ..."""
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._status_waiters.append(fut)
-        self._to_scheduler.send(encode(Kind.STATUS_REQUEST, self.sink_address))
+        self._to_scheduler.send(encode(StatusRequest(self.sink_address)))
         return await asyncio.wait_for(fut, timeout_s)
 
     @property

@@ -23,7 +23,7 @@ from typing import Any
 from .config import ClientConfig
 from .errors import TaskRejected
 from .handle import DONE, SENT, WAITING, Handle
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_FRAME_BYTES, Status
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_FRAME_BYTES, Status, attach, payload_of
 
 log = logging.getLogger("zfabric.client")
 
@@ -39,8 +39,10 @@ _CANCELLED = int(Status.CANCELLED)
 
 @dataclass(frozen=True, slots=True)
 class SendSubmit:
-    """A SUBMIT frame: ``flat`` is ``[id, priority, payload, ...]``, within the frame and batch limits."""
+    """A SUBMIT: ``flat`` is ``[id, priority, payload, ...]`` within the frame and batch limits; a large
+    payload is named by its number in ``frames`` (`protocol.attach`)."""
     flat: list[Any]
+    frames: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class ClientState:
         outbox = self.outbox
         while room > 0 and outbox:
             flat: list[Any] = []
+            frames: list[Any] = []
             size = 0
             while room > 0 and outbox and size < MAX_BATCH_BYTES and len(flat) < 3 * MAX_BATCH_TASKS:
                 handle = outbox[0]
@@ -135,12 +138,12 @@ class ClientState:
                     break  # it goes first in the next frame: no frame passes the frame limit
                 outbox.popleft()
                 handle.state = SENT
-                flat += (handle.id, handle.priority, handle.payload)
+                flat += (handle.id, handle.priority, attach(handle.payload, frames))
                 size += n
                 room -= 1
             if flat:
                 self.in_scheduler += len(flat) // 3
-                self.commands.append(SendSubmit(flat))
+                self.commands.append(SendSubmit(flat, frames))
 
     def fail_all(self, error: BaseException) -> None:
         """Every unfinished task fails with `error` (the client stops, or the scheduler stayed silent)."""
@@ -153,8 +156,9 @@ class ClientState:
 
     # ---- events from the scheduler ----------------------------------------------------------
 
-    def results(self, flat: list[Any]) -> None:
-        """A RESULT batch ``[id, status, data, ...]``: each unfinished handle named is resolved once."""
+    def results(self, flat: list[Any], frames: tuple[Any, ...] = ()) -> None:
+        """A RESULT batch ``[id, status, data, ...]`` (with its payload frames): each unfinished handle
+        named is resolved once."""
         handles = self.handles
         for i in range(0, len(flat) - 2, 3):
             status = flat[i + 1]
@@ -168,7 +172,9 @@ class ClientState:
             if handle.state == SENT:
                 self.in_scheduler -= 1
             data = flat[i + 2]
-            if type(status) is not int or type(data) is not bytes:
+            if type(data) is not bytes:
+                data = payload_of(data, frames)
+            if type(status) is not int or data is None:
                 data, status = b"", -1
             handle._resolve(status, data)
 
@@ -269,16 +275,17 @@ class ClientState:
         limit). They stay counted in `in_scheduler` once: a resubmission never grows the window."""
         self.resubmitted += len(handles)
         flat: list[Any] = []
+        frames: list[Any] = []
         size = 0
         for handle in handles:
             n = len(handle.payload)  # type: ignore[arg-type]
             if flat and (len(flat) >= 3 * MAX_BATCH_TASKS or size >= MAX_BATCH_BYTES or size + n > MAX_CALL_BYTES):
-                self.commands.append(SendSubmit(flat))
-                flat, size = [], 0
-            flat += (handle.id, handle.priority, handle.payload)
+                self.commands.append(SendSubmit(flat, frames))
+                flat, frames, size = [], [], 0
+            flat += (handle.id, handle.priority, attach(handle.payload, frames))
             size += n
         if flat:
-            self.commands.append(SendSubmit(flat))
+            self.commands.append(SendSubmit(flat, frames))
 
     # ---- invariants -------------------------------------------------------------------------
 

@@ -120,3 +120,27 @@ def sblob(n: int, seconds: float = 0.0) -> bytes:
     """Sleep in a worker thread, then return n bytes (a large result from a sync function)."""
     time.sleep(seconds)
     return b"\x5a" * n
+
+
+class AppError(Exception):
+    """An exception of an app's own, whose constructor wants two arguments."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+
+
+def raise_kind(kind: str) -> None:
+    """Raise an exception of a chosen kind (for the tests of remote exception types)."""
+    if kind == "zero":
+        1 / 0
+    elif kind == "json":
+        import json
+        json.loads("{")
+    elif kind == "file":
+        open("/nonexistent/zfabric-test-file")
+    elif kind == "app":
+        raise AppError(7, "app failure")
+    elif kind == "exit":
+        raise SystemExit(3)
+    raise KeyError(kind)

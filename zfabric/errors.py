@@ -8,6 +8,8 @@ subclasses of the root.
 from __future__ import annotations
 
 import asyncio
+import sys
+from typing import Any
 
 
 class FabricError(Exception):
@@ -42,7 +44,9 @@ class TaskError(FabricError):
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.task_id = task_id
-        super().__init__(f"{remote_type}: {remote_message}")
+        # not super(): in a class that also subclasses the remote type (`remote_error`), that type's own
+        # __init__ may want other arguments
+        Exception.__init__(self, f"{remote_type}: {remote_message}")
 
     def __str__(self) -> str:
         text = f"{self.remote_type}: {self.remote_message}"
@@ -52,6 +56,60 @@ class TaskError(FabricError):
 
     def __reduce__(self):  # keeps the error picklable for users who pass it on
         return (type(self), (self.remote_type, self.remote_message, self.remote_traceback, self.task_id))
+
+
+def remote_type_name(cls: type) -> str:
+    """How a worker names an exception's class: bare for builtins, else ``module.QualName``."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+_TYPED: dict[type, type] = {}
+
+
+def _local_class(type_name: str) -> type | None:
+    """The exception class a remote type name names, if this process has it already: only modules already
+    imported here are looked in (nothing is imported on a remote peer's word), and only Exception
+    subclasses count."""
+    parts = type_name.split(".") if "." in type_name else ["builtins", type_name]
+    obj: Any = None
+    for split in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module: ``pkg.mod.Outer.Inner``
+        obj = sys.modules.get(".".join(parts[:split]))
+        if obj is not None:
+            for part in parts[split:]:
+                obj = getattr(obj, part, None)
+            break
+    if (isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, FabricError)
+            and remote_type_name(obj) == type_name):
+        return obj
+    return None
+
+
+def _rebuild(type_name: str, message: str, traceback_text: str, task_id: int | None) -> TaskError:
+    return remote_error(type_name, message, traceback_text, task_id)
+
+
+def remote_error(type_name: str, message: str, traceback_text: str = "", task_id: int | None = None) -> TaskError:
+    """The TaskError for a task that raised ``type_name`` remotely: an instance of a class that subclasses
+    both `TaskError` and that type when this process has the type (so ``except ZeroDivisionError`` catches
+    it), else a plain `TaskError`."""
+    original = _local_class(type_name)
+    if original is not None:
+        typed = _TYPED.get(original)
+        if typed is None:
+            try:
+                typed = type(original.__name__, (TaskError, original), {
+                    "__module__": __name__, "__qualname__": f"TaskError[{type_name}]",
+                    "__reduce__": lambda self: (_rebuild, (self.remote_type, self.remote_message,
+                                                           self.remote_traceback, self.task_id))})
+            except TypeError:  # a layout conflict with TaskError: catchable as TaskError only
+                typed = TaskError
+            if len(_TYPED) < 1000:
+                _TYPED[original] = typed
+        try:
+            return typed(type_name, message, traceback_text, task_id)  # type: ignore[no-any-return]
+        except Exception:  # the original's __new__ wanted other arguments
+            pass
+    return TaskError(type_name, message, traceback_text, task_id)
 
 
 class TaskTimeout(TaskError, TimeoutError):

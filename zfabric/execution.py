@@ -12,6 +12,7 @@ import traceback
 from typing import Any, Callable
 
 from .protocol import MAX_FRAME_BYTES, Status, encode_error, encode_value
+from .errors import remote_type_name
 
 MAX_TRACEBACK_CHARS = 8000
 
@@ -65,7 +66,7 @@ def error_entry(exc: BaseException, status: int = Status.ERROR) -> tuple[int, by
         message = str(exc)
     except Exception as str_exc:  # a user exception whose __str__ fails still fails its task, not the worker
         message = f"<{type(exc).__name__}.__str__ raised {type(str_exc).__name__}>"
-    return status, encode_error(_cut(type(exc).__name__[:200]), _cut(message), _cut(text))
+    return status, encode_error(_cut(remote_type_name(type(exc))[:200]), _cut(message), _cut(text))
 
 
 def retry_delay(exc: BaseException, options: dict[str, Any], tries: int) -> float | None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Protocol
 
-from .errors import FabricError, TaskCancelled, TaskError, TaskRejected, TaskTimeout, WorkerLost
+from .errors import FabricError, TaskCancelled, TaskError, TaskRejected, TaskTimeout, WorkerLost, remote_error
 from .protocol import Status, decode_error, decode_value
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ class HandleOwner(Protocol):
 
 WAITING, SENT, DONE = 0, 1, 2
 
-_ERRORS: dict[int, type[TaskError]] = {
-    Status.ERROR: TaskError, Status.TIMEOUT: TaskTimeout, Status.LOST: WorkerLost, Status.REJECTED: TaskRejected}
+_ERRORS: dict[int, type[TaskError]] = {Status.TIMEOUT: TaskTimeout, Status.LOST: WorkerLost, Status.REJECTED: TaskRejected}
+"""Failures the fabric names; a task's own exception (Status.ERROR) becomes `remote_error`'s typed TaskError."""
 
 
 class Handle:
@@ -117,7 +117,8 @@ class Handle:
                 self._finish(None, TaskCancelled(f"task {self.id:#x} was cancelled on its worker"))
                 return
             type_name, message, tb = decode_error(data)
-            self._finish(None, _ERRORS.get(status, TaskError)(type_name, message, tb, self.id))
+            make = _ERRORS.get(status, remote_error)
+            self._finish(None, make(type_name, message, tb, self.id))
         except FabricError as exc:
             self._finish(None, TaskError("ProtocolError", f"the result could not be decoded: {exc}", "", self.id))
 

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import threading
 from enum import IntEnum
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence, get_type_hints, overload
 
 import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Largest frame any socket accepts (ZMQ_MAXMSGSIZE); a larger one drops the peer."""
-MAX_FRAMES = 4
-"""Most frames a message may have (the ROUTER's routing id plus the body)."""
+PAYLOAD_FRAME_BYTES = 64 * 1024
+"""A payload this large or larger travels in a frame of its own after the envelope."""
+MAX_PAYLOAD_FRAMES = 64
+"""Most payload frames one message may carry (senders close a batch at `MAX_BATCH_BYTES`: at most 17)."""
+MAX_FRAMES = 2 + MAX_PAYLOAD_FRAMES
+"""Most frames a message may have: a ROUTER's routing id, the envelope and its payload frames."""
 MAX_BATCH_ITEMS = 3 * 50_000
 """Longest flat batch list in one envelope."""
 MAX_BATCH_BYTES = 1024 * 1024
@@ -75,30 +79,184 @@ class Status(IntEnum):
     REJECTED = 5
 
 
-_int = int
-_num = (int, float)
-SCHEMA: dict[int, tuple[Any, ...]] = {
-    Kind.CLIENT_HELLO: (bytes, str),                      # client_id, sink
-    Kind.SUBMIT: (bytes, str, str, list),                 # client_id, sink, results_to, flat [id, prio, payload]*
-    Kind.CANCEL: (bytes, str, list),                      # client_id (or b""), sink (or ""), [id]*
-    Kind.CLIENT_BYE: (bytes, str),                        # client_id, sink
-    Kind.STATUS_REQUEST: (str,),                          # reply_to
-    Kind.AUDIT: (bytes, str, list),                       # client_id, sink, [id]*
-    Kind.WELCOME: (_int, _num),                           # epoch, heartbeat_s
-    Kind.ACCEPTED: (_int, list),                          # epoch, [id]*
-    Kind.REJECTED: (_int, list),                          # epoch, flat [id, reason]*
-    Kind.HEARTBEAT: (_int, _int, _int),                   # epoch, session, last dispatch seq (0, 0 to clients)
-    Kind.STATUS_REPLY: (dict,),
-    Kind.MISSING: (_int, list),                           # epoch, [id]*
-    Kind.RESULT: (list,),                                 # flat [id, status, value_bytes]*
-    Kind.WORKER_HELLO: (str, _int, _int, list, _int, str),  # name, session, free, running ids, pid, host
-    Kind.DONE: (_int, _int, _int, list, _int, list),      # session, seq, credit, finished ids, n_failed, flat [id, delay_s]*
-    Kind.WORKER_HEARTBEAT: (_int, _int),                  # session, last DONE seq sent
-    Kind.DRAIN: (_int, list),                             # session, [id handed back]*
-    Kind.WORKER_BYE: (_int,),                             # session
-    Kind.REGISTER: (_int,),                               # epoch
-    Kind.DISPATCH: (_int, _int, _int, list),              # epoch, session, seq, [[sink, [id, tries, payload]*, (1)]]*
+Buffer = Any
+"""A payload: ``bytes`` inline, or a payload frame as the socket gave it (a ``zmq.Frame``, read through the
+buffer protocol). This module never needs to know which."""
+
+
+# One frozen class per kind (`MESSAGES`): its fields are the envelope's, in order and with their wire types
+# (``float`` also accepts an int). A last field ``frames`` holds the message's payload frames, which travel
+# after the envelope and are named in it by number (see `payload_of`).
+
+class ClientHello(NamedTuple):
+    """client -> scheduler intake: register, and the client's heartbeat."""
+    client_id: bytes
+    sink: str
+
+
+class Submit(NamedTuple):
+    """client -> intake: tasks as flat ``[id, priority, payload, ...]``."""
+    client_id: bytes
+    sink: str
+    results_to: str
+    tasks: list
+    frames: tuple = ()
+
+
+class Cancel(NamedTuple):
+    """client -> intake (and scheduler -> worker, with empty client id and sink): cancel these ids."""
+    client_id: bytes
+    sink: str
+    ids: list
+
+
+class ClientBye(NamedTuple):
+    """client -> intake: forget me and my tasks."""
+    client_id: bytes
+    sink: str
+
+
+class StatusRequest(NamedTuple):
+    """anyone -> intake: send a STATUS_REPLY to ``reply_to``."""
+    reply_to: str
+
+
+class Audit(NamedTuple):
+    """client -> intake: which of these unfinished ids do you not hold?"""
+    client_id: bytes
+    sink: str
+    ids: list
+
+
+class Welcome(NamedTuple):
+    """scheduler -> client sink: you are registered with this epoch; resubmit what is unfinished."""
+    epoch: int
+    heartbeat_s: float
+
+
+class Accepted(NamedTuple):
+    """scheduler -> client sink: these ids are queued."""
+    epoch: int
+    ids: list
+
+
+class Rejected(NamedTuple):
+    """scheduler -> client sink: flat ``[id, reason, ...]``."""
+    epoch: int
+    reasons: list
+
+
+class Heartbeat(NamedTuple):
+    """scheduler -> worker (session, last DISPATCH seq) and -> client sink (0, 0)."""
+    epoch: int
+    session: int
+    dispatch_seq: int
+
+
+class StatusReply(NamedTuple):
+    """scheduler -> requester."""
+    status: dict
+
+
+class Missing(NamedTuple):
+    """scheduler -> client sink: these audited ids are not held here."""
+    epoch: int
+    ids: list
+
+
+class Result(NamedTuple):
+    """worker (or scheduler) -> client sink: flat ``[id, status, payload, ...]``."""
+    results: list
+    frames: tuple = ()
+
+
+class WorkerHello(NamedTuple):
+    """worker -> scheduler: register a new session with ``free`` slots; ``running`` ids still run here."""
+    name: str
+    session: int
+    free: int
+    running: list
+    pid: int
+    host: str
+
+
+class Done(NamedTuple):
+    """worker -> scheduler: finished ids, ``credit`` slots back, retries as flat ``[id, delay_s, ...]``."""
+    session: int
+    seq: int
+    credit: int
+    finished: list
+    n_failed: int
+    retries: list
+
+
+class WorkerHeartbeat(NamedTuple):
+    """worker -> scheduler: alive, and the last DONE seq sent."""
+    session: int
+    done_seq: int
+
+
+class Drain(NamedTuple):
+    """worker -> scheduler: send no more; these ids were handed back."""
+    session: int
+    handed_back: list
+
+
+class WorkerBye(NamedTuple):
+    """worker -> scheduler: leaving now."""
+    session: int
+
+
+class Register(NamedTuple):
+    """scheduler -> worker: I do not know you, say hello."""
+    epoch: int
+
+
+class Dispatch(NamedTuple):
+    """scheduler -> worker: groups ``[sink, [id, tries, payload, ...]]`` (``[sink, [...], 1]``: isolated)."""
+    epoch: int
+    session: int
+    seq: int
+    groups: list
+    frames: tuple = ()
+
+
+MESSAGES: dict[Kind, Any] = {
+    Kind.CLIENT_HELLO: ClientHello,
+    Kind.SUBMIT: Submit,
+    Kind.CANCEL: Cancel,
+    Kind.CLIENT_BYE: ClientBye,
+    Kind.STATUS_REQUEST: StatusRequest,
+    Kind.AUDIT: Audit,
+    Kind.WELCOME: Welcome,
+    Kind.ACCEPTED: Accepted,
+    Kind.REJECTED: Rejected,
+    Kind.HEARTBEAT: Heartbeat,
+    Kind.STATUS_REPLY: StatusReply,
+    Kind.MISSING: Missing,
+    Kind.RESULT: Result,
+    Kind.WORKER_HELLO: WorkerHello,
+    Kind.DONE: Done,
+    Kind.WORKER_HEARTBEAT: WorkerHeartbeat,
+    Kind.DRAIN: Drain,
+    Kind.WORKER_BYE: WorkerBye,
+    Kind.REGISTER: Register,
+    Kind.DISPATCH: Dispatch,
 }
+_KIND_OF = {cls: kind for kind, cls in MESSAGES.items()}
+
+
+def _wire_types(cls: Any) -> tuple[Any, ...]:
+    hints = get_type_hints(cls)
+    return tuple((int, float) if hints[f] is float else hints[f] for f in cls._fields if f != "frames")
+
+
+SCHEMA: dict[Kind, tuple[Any, ...]] = {kind: _wire_types(cls) for kind, cls in MESSAGES.items()}
+"""The envelope's fields of each kind, as the types each may have (derived from the classes)."""
+_CARRIES_FRAMES = frozenset(kind for kind, cls in MESSAGES.items() if cls._fields[-1] == "frames")
+Frameless = (ClientHello | Cancel | ClientBye | StatusRequest | Audit | Welcome | Accepted | Rejected | Heartbeat
+             | StatusReply | Missing | WorkerHello | Done | WorkerHeartbeat | Drain | WorkerBye | Register)
+Message = Frameless | Submit | Result | Dispatch
 
 _KINDS = {int(k): k for k in Kind}
 
@@ -114,9 +272,48 @@ def _packer() -> msgpack.Packer:
         return packer
 
 
-def encode(kind: Kind, *fields: Any) -> bytes:
-    """Encode one message."""
+Wire = bytes | list[Any]
+"""An encoded message: its envelope frame alone, or ``[envelope, *payload frames]``."""
+
+
+@overload
+def encode(message: Frameless) -> bytes: ...
+@overload
+def encode(message: Submit | Result | Dispatch) -> Wire: ...
+def encode(message: Message) -> Wire:
+    """Encode one message: its envelope frame, or (with payload frames) ``[envelope, *frames]``."""
+    kind = _KIND_OF[type(message)]
+    fields: list[Any] = list(message)
+    if kind in _CARRIES_FRAMES:
+        frames: tuple[Any, ...] = fields.pop()
+        header = _packer().pack([VERSION, kind, *fields])
+        return [header, *frames] if frames else header
     return _packer().pack([VERSION, kind, *fields])
+
+
+def encode_fields(kind: Kind, *fields: Any, frames: Sequence[Any] = ()) -> bytes | list[Any]:
+    """Encode a message field by field, unchecked: for tests and tools that forge or replay messages."""
+    header = _packer().pack([VERSION, kind, *fields])
+    return [header, *frames] if frames else header
+
+
+def attach(payload: Buffer, frames: list[Any]) -> Any:
+    """How an entry names ``payload``: inline if small, else as the number of a frame of its own (appended
+    to ``frames``), so that no process copies it into or out of an envelope."""
+    if type(payload) is bytes and len(payload) < PAYLOAD_FRAME_BYTES:
+        return payload
+    frames.append(payload)
+    return len(frames)
+
+
+def payload_of(ref: Any, frames: Sequence[Any]) -> Buffer | None:
+    """The payload an entry names: inline ``bin``, or payload frame ``ref`` (1 = the first frame after the
+    envelope); None if it names neither."""
+    if type(ref) is bytes:
+        return ref
+    if type(ref) is int and 0 < ref <= len(frames):
+        return frames[ref - 1]
+    return None
 
 
 ENVELOPE_CONTAINERS = 10_000
@@ -150,8 +347,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def decode(frame: bytes, *, expect: Sequence[Kind] | None = None) -> tuple[Kind, list[Any]]:
-    """Decode and validate one envelope; raise `ProtocolError` saying what was wrong."""
+def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = None) -> tuple[Kind, Any]:
+    """Decode and validate one message (an envelope frame, or ``[envelope, *payload frames]``) into its
+    class; raise `ProtocolError` saying what was wrong. Payload frames are kept as given, never copied."""
+    frame: Any
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        frame, frames = message, ()
+    else:
+        frame, frames = message[0], tuple(message[1:])
     budget = _ContainerBudget(ENVELOPE_CONTAINERS)
     try:
         msg = msgpack.unpackb(
@@ -176,7 +379,13 @@ def decode(frame: bytes, *, expect: Sequence[Kind] | None = None) -> tuple[Kind,
     for i, (value, typ) in enumerate(zip(fields, schema)):
         if not isinstance(value, typ) or isinstance(value, bool):
             raise ProtocolError(f"{kind.name} field {i} is {type(value).__name__}")
-    return kind, fields
+    if kind in _CARRIES_FRAMES:
+        if len(frames) > MAX_PAYLOAD_FRAMES:
+            raise ProtocolError(f"{kind.name} has {len(frames)} payload frames (limit {MAX_PAYLOAD_FRAMES})")
+        return kind, MESSAGES[kind](*fields, frames)
+    if frames:
+        raise ProtocolError(f"{kind.name} carries no payload frames, got {len(frames)}")
+    return kind, MESSAGES[kind]._make(fields)
 
 
 # ---- payloads: the opaque bin values carried inside envelopes ------------------------------

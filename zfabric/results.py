@@ -19,7 +19,7 @@ import zmq
 from . import transport
 from .config import WorkerConfig
 from .execution import MAX_RESULT_BYTES, oversize_error
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Result, Status, attach, encode
 from .security import Curve
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,12 @@ ENTRY_OVERHEAD = 16
 
 
 class _SinkOut:
-    __slots__ = ("sender", "results", "size", "last_used")
+    __slots__ = ("sender", "results", "frames", "size", "last_used")
 
     def __init__(self, sender: transport.Sender, now: float) -> None:
         self.sender = sender
         self.results: list[Any] = []
+        self.frames: list[Any] = []  # payload frames of the large results in `results`
         self.size = 0
         self.last_used = now
 
@@ -67,7 +68,7 @@ class ResultRouter:
         size = len(data) + ENTRY_OVERHEAD
         if out.results and out.size + size > MAX_RESULT_BYTES:
             self._send(out)  # this one starts the next frame
-        out.results += (task_id, status, data)
+        out.results += (task_id, status, attach(data, out.frames))
         out.size += size
         if out.size > MAX_BATCH_BYTES or len(out.results) >= 3 * MAX_BATCH_TASKS:
             self._send(out)
@@ -123,9 +124,9 @@ class ResultRouter:
             return
         if not out.sender.backlog:
             out.last_used = time.monotonic()
-        if not out.sender.send(encode(Kind.RESULT, out.results)):
+        if not out.sender.send(encode(Result(out.results, tuple(out.frames)))):
             self.on_drop(len(out.results) // 3)
-        out.results, out.size = [], 0
+        out.results, out.frames, out.size = [], [], 0
         if out.sender.backlog:
             self._retry_soon()
 

@@ -21,7 +21,7 @@ import zmq
 from . import transport
 from .config import FabricAddress, SchedulerConfig
 from .errors import ConfigError
-from .protocol import Kind, encode
+from .protocol import Kind, StatusReply, Wire, encode
 from .scheduling import SchedulerState
 from .security import Curve
 from .service import Service
@@ -45,7 +45,7 @@ class Scheduler(Service):
         self.address = ""
         self.bad_input = transport.BadInput("scheduler")
         self._sinks: dict[str, transport.Sender] = {}
-        self._worker_backlog: dict[bytes, deque[bytes]] = {}
+        self._worker_backlog: dict[bytes, deque[Wire]] = {}
         self._status_socks: dict[str, zmq.Socket] = {}
         self._started = time.monotonic()
         self.dropped_to_clients = 0
@@ -83,7 +83,7 @@ class Scheduler(Service):
         epoch = int.from_bytes(os.urandom(6), "big")
         self.state = SchedulerState(cfg, epoch)
         readers = [transport.Reader(self._intake, self._on_intake, "intake", self.bad_input),
-                   transport.Reader(self._router, self._on_router, "workers", self.bad_input)]
+                   transport.Reader(self._router, self._on_router, "workers", self.bad_input, routed=True)]
         self._readers = readers
         self._tasks = [asyncio.create_task(r.run(self._stop)) for r in readers]
         self._tasks.append(asyncio.create_task(self._ticker()))
@@ -99,13 +99,13 @@ class Scheduler(Service):
 
     # ---- input ----------------------------------------------------------------------------
 
-    def _on_intake(self, batch: list[list[bytes]]) -> None:
+    def _on_intake(self, batch: list[list[Any]]) -> None:
         state = self.state
         assert state is not None
         now = time.monotonic()
         for _, kind, f in transport.messages(batch, _INTAKE_KINDS, self.bad_input, "intake"):
             if kind == Kind.SUBMIT:
-                if state.submit(f[0], f[1], f[2], f[3], now):
+                if state.submit(f.client_id, f.sink, f.results_to, f.tasks, now, f.frames):
                     self.bad_input("malformed task entry", f[0].hex(), "not [id, priority, payload]")
                 state.dispatch()  # each batch moves on at once: workers start while more arrive
                 self._flush_outbox()
@@ -122,7 +122,7 @@ class Scheduler(Service):
         state.dispatch()
         self._flush_outbox()
 
-    def _on_router(self, batch: list[list[bytes]]) -> None:
+    def _on_router(self, batch: list[list[Any]]) -> None:
         state = self.state
         assert state is not None
         now = time.monotonic()
@@ -160,13 +160,14 @@ class Scheduler(Service):
                         sender.sock.close()
         self._readers[1].after_send()
 
-    def _send_worker(self, wid: bytes, frame: bytes) -> None:
+    def _send_worker(self, wid: bytes, frame: Wire) -> None:
         backlog = self._worker_backlog.get(wid)
         if backlog is not None:
             backlog.append(frame)
             return
         try:
-            self._router.send_multipart([wid, frame], zmq.NOBLOCK)
+            self._router.send_multipart([wid, frame] if type(frame) is bytes else [wid, *frame], zmq.NOBLOCK,
+                                        copy=False)
         except zmq.Again:
             self._worker_backlog[wid] = deque([frame])
         except zmq.ZMQError as exc:
@@ -185,7 +186,7 @@ class Scheduler(Service):
         at once, to make room), so a flood of requests naming dead addresses costs no more descriptors."""
         sender = self._sinks.get(reply_to)
         if sender is not None:
-            sender.send(encode(Kind.STATUS_REPLY, self.status()))
+            sender.send(encode(StatusReply(self.status())))
             return
         sock = self._status_socks.pop(reply_to, None)
         if sock is None:
@@ -199,7 +200,7 @@ class Scheduler(Service):
                 return
         self._status_socks[reply_to] = sock  # most recently used last
         try:
-            sock.send(encode(Kind.STATUS_REPLY, self.status()), zmq.NOBLOCK)
+            sock.send(encode(StatusReply(self.status())), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.bad_input("status request", reply_to, str(exc))
 
@@ -208,7 +209,9 @@ class Scheduler(Service):
             backlog = self._worker_backlog[wid]
             try:
                 while backlog:
-                    self._router.send_multipart([wid, backlog[0]], zmq.NOBLOCK)
+                    frame = backlog[0]
+                    self._router.send_multipart([wid, frame] if type(frame) is bytes else [wid, *frame],
+                                                zmq.NOBLOCK, copy=False)
                     backlog.popleft()
                 del self._worker_backlog[wid]
             except zmq.Again:
@@ -218,7 +221,7 @@ class Scheduler(Service):
                     raise
                 self._unreachable(wid)
 
-    def _send_client(self, sink: str, frame: bytes) -> None:
+    def _send_client(self, sink: str, frame: Wire) -> None:
         sender = self._sinks.get(sink)
         if sender is None:
             try:

@@ -18,7 +18,9 @@ import logging
 from typing import Any
 
 from .config import SchedulerConfig
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Kind, Status, encode, encode_error
+from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_PAYLOAD_FRAMES, PAYLOAD_FRAME_BYTES, Accepted, Cancel, Dispatch, Heartbeat, Wire,
+                       Missing, Register, Rejected, Result, Status, Welcome, attach, encode, encode_error,
+                       payload_of)
 from .queueing import TaskQueue
 from .records import DELAYED, GONE, QUEUED, RUNNING, SUSPECT, ClientRecord, Counters, Task, WorkerRecord
 
@@ -41,7 +43,7 @@ floor at `MIN_SHARE` and spread as widely as before."""
 MAX_SHARE = MAX_BATCH_TASKS // 2
 """The floor's ceiling: half a DISPATCH, so even the fastest stream goes to two workers at a time or more."""
 
-Outgoing = tuple[str, Any, bytes]
+Outgoing = tuple[str, Any, Wire]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
 
 
@@ -132,14 +134,14 @@ class SchedulerState:
                 return None
             client = self.clients[cid] = ClientRecord(cid, sink, now)
             log.info("client %s registered (sink %s)", cid.hex(), sink)
-            self.outbox.append(("client", sink, encode(Kind.WELCOME, self.epoch, self.config.timing.heartbeat_s)))
+            self.outbox.append(("client", sink, encode(Welcome(self.epoch, self.config.timing.heartbeat_s))))
         client.last_seen = now
         return client
 
     def _acknowledge(self, client: ClientRecord) -> None:
         """ACCEPTED goes out in batches (each tick), off the path of a lone task's latency."""
         if client.accepted:
-            self.outbox.append(("client", client.sink, encode(Kind.ACCEPTED, self.epoch, client.accepted)))
+            self.outbox.append(("client", client.sink, encode(Accepted(self.epoch, client.accepted))))
             client.accepted = []
 
     def _evict_idle_client(self) -> bool:
@@ -155,10 +157,12 @@ class SchedulerState:
     def client_hello(self, cid: bytes, sink: str, now: float) -> None:
         self._client(cid, sink, now)
 
-    def submit(self, cid: bytes, sink: str, results_to: str, flat: list[Any], now: float) -> int:
+    def submit(self, cid: bytes, sink: str, results_to: str, flat: list[Any], now: float,
+               frames: tuple[Any, ...] = ()) -> int:
         """Take a batch; answer ACCEPTED/REJECTED. Returns the number of malformed entries.
 
-        `sink` is the client's own (control) sink; results go to `results_to`, usually the same.
+        `sink` is the client's own (control) sink; results go to `results_to`, usually the same. A large
+        payload is named by its number among the message's payload `frames`: it is kept as it came.
         """
         client = self._client(cid, sink, now)
         if client is None:
@@ -170,7 +174,9 @@ class SchedulerState:
         room = self.config.max_queued - len(tasks)
         for i in range(0, len(flat) - 2, 3):
             task_id, priority, payload = flat[i], flat[i + 1], flat[i + 2]
-            if type(task_id) is not int or type(priority) is not int or type(payload) is not bytes:
+            if type(payload) is not bytes:
+                payload = payload_of(payload, frames)
+            if type(task_id) is not int or type(priority) is not int or payload is None:
                 malformed += 1
                 if type(task_id) is int:
                     rejected += (task_id, "malformed task entry (expected id, priority, payload)")
@@ -204,7 +210,7 @@ class SchedulerState:
             self._acknowledge(client)
         if rejected:
             self.counters.rejected += len(rejected) // 2
-            self.outbox.append(("client", client.sink, encode(Kind.REJECTED, self.epoch, rejected)))
+            self.outbox.append(("client", client.sink, encode(Rejected(self.epoch, rejected))))
         return malformed
 
     def _adopt(self, task_id: int, client: ClientRecord, sink: str, priority: int, payload: bytes) -> None:
@@ -228,7 +234,7 @@ class SchedulerState:
             return
         tasks = self.tasks
         missing = [i for i in ids if type(i) is int and (tasks.get(i) is None or tasks[i].client is not client)]
-        self.outbox.append(("client", client.sink, encode(Kind.MISSING, self.epoch, missing)))
+        self.outbox.append(("client", client.sink, encode(Missing(self.epoch, missing))))
 
     def cancel(self, cid: bytes, ids: list[Any], now: float) -> None:
         client = self.clients.get(cid)
@@ -258,7 +264,7 @@ class SchedulerState:
                 self.counters.cancelled += 1
             self._forget(task)
         for wid, wids in by_worker.items():
-            self.outbox.append(("worker", wid, encode(Kind.CANCEL, b"", "", wids)))
+            self.outbox.append(("worker", wid, encode(Cancel(b"", "", wids))))
 
     def client_bye(self, cid: bytes, now: float) -> None:
         client = self.clients.get(cid)
@@ -304,13 +310,13 @@ class SchedulerState:
                 room -= 1
         self._set_free(worker, free)
         log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
-        self.outbox.append(("worker", wid, encode(Kind.HEARTBEAT, self.epoch, session, 0)))
+        self.outbox.append(("worker", wid, encode(Heartbeat(self.epoch, session, 0))))
         self.dispatch()
 
     def _known_worker(self, wid: bytes, now: float) -> WorkerRecord | None:
         worker = self.workers.get(wid)
         if worker is None:
-            self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
+            self.outbox.append(("worker", wid, encode(Register(self.epoch))))
             return None
         worker.last_seen = now
         return worker
@@ -327,7 +333,7 @@ class SchedulerState:
         if seq != worker.done_seq + 1:
             log.warning("worker %s: DONE %d after %d, messages were lost; asking it to re-register",
                         wid.hex(), seq, worker.done_seq)
-            self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
+            self.outbox.append(("worker", wid, encode(Register(self.epoch))))
         worker.done_seq = seq
         worker.done += self._finish(worker, finished, n_failed)
         for i in range(0, len(retries) - 1, 2):
@@ -375,7 +381,7 @@ class SchedulerState:
         if worker is not None and session == worker.session and done_seq != worker.done_seq:
             log.warning("worker %s sent DONE %d but %d arrived last; asking it to re-register",
                         wid.hex(), done_seq, worker.done_seq)
-            self.outbox.append(("worker", wid, encode(Kind.REGISTER, self.epoch)))
+            self.outbox.append(("worker", wid, encode(Register(self.epoch))))
 
     def worker_drain(self, wid: bytes, session: int, handed_back: list[Any], now: float) -> None:
         worker = self._known_worker(wid, now)
@@ -443,7 +449,7 @@ class SchedulerState:
         text = (f"the task was running on {task.deaths + task.lost_alone} workers that died, "
                 f"{task.lost_alone} of them while it ran alone; it is probably killing them")
         self.outbox.append(("client", task.sink,
-                            encode(Kind.RESULT, [task.id, Status.LOST, encode_error("WorkerLost", text)])))
+                            encode(Result([task.id, Status.LOST, encode_error("WorkerLost", text)]))))
         self._forget(task)
 
     # ---- dispatch -------------------------------------------------------------------------
@@ -494,6 +500,7 @@ class SchedulerState:
         worker.free -= len(batch)
         self.free_total -= len(batch)
         by_sink: dict[str, list[Any]] = {}
+        frames: list[Any] = []
         size = count = 0
         for task in batch:
             task.state = RUNNING
@@ -502,21 +509,25 @@ class SchedulerState:
             entry = by_sink.get(task.sink)
             if entry is None:
                 entry = by_sink[task.sink] = []
-            entry += (task.id, task.tries, task.payload)
-            size += len(task.payload)
+            payload = task.payload
+            n = len(payload)
+            entry += (task.id, task.tries, payload if n < PAYLOAD_FRAME_BYTES and type(payload) is bytes
+                      else attach(payload, frames))  # passed on as it came: never copied here
+            size += n
             count += 1
-            if size > MAX_BATCH_BYTES or count >= MAX_BATCH_TASKS:
-                self._emit_dispatch(worker, by_sink, isolate)
-                by_sink, size, count = {}, 0, 0
+            if size > MAX_BATCH_BYTES or count >= MAX_BATCH_TASKS or len(frames) >= MAX_PAYLOAD_FRAMES:
+                self._emit_dispatch(worker, by_sink, frames, isolate)
+                by_sink, frames, size, count = {}, [], 0, 0
         if by_sink:
-            self._emit_dispatch(worker, by_sink, isolate)
+            self._emit_dispatch(worker, by_sink, frames, isolate)
 
-    def _emit_dispatch(self, worker: WorkerRecord, by_sink: dict[str, list[Any]], isolate: bool) -> None:
+    def _emit_dispatch(self, worker: WorkerRecord, by_sink: dict[str, list[Any]], frames: list[Any],
+                       isolate: bool) -> None:
         """One DISPATCH: groups ``[sink, flat]``, or ``[sink, flat, 1]`` for tasks to run in a child process."""
         worker.dispatch_seq += 1
         groups = [[sink, flat, 1] if isolate else [sink, flat] for sink, flat in by_sink.items()]
         self.outbox.append(("worker", worker.wid,
-                            encode(Kind.DISPATCH, self.epoch, worker.session, worker.dispatch_seq, groups)))
+                            encode(Dispatch(self.epoch, worker.session, worker.dispatch_seq, groups, tuple(frames)))))
 
     # ---- time -----------------------------------------------------------------------------
 
@@ -532,8 +543,8 @@ class SchedulerState:
             self._last_heartbeat = now
             for worker in self.workers.values():
                 self.outbox.append(("worker", worker.wid,
-                                    encode(Kind.HEARTBEAT, self.epoch, worker.session, worker.dispatch_seq)))
-            beat = encode(Kind.HEARTBEAT, self.epoch, 0, 0)
+                                    encode(Heartbeat(self.epoch, worker.session, worker.dispatch_seq))))
+            beat = encode(Heartbeat(self.epoch, 0, 0))
             for client in self.clients.values():
                 self.outbox.append(("client", client.sink, beat))
         for client in self.clients.values():

@@ -17,7 +17,7 @@ import zmq
 
 from . import transport
 from .errors import ConfigError, ProtocolError
-from .protocol import Kind, Status, decode_error, decode_value
+from .protocol import Kind, Status, decode_error, decode_value, payload_of
 from .config import CurveConfig
 from .security import Curve
 from .service import Service
@@ -74,16 +74,16 @@ class Sink(Service):
         self._sock.close()
         self.out.flush()
 
-    def _on_batch(self, batch: list[list[bytes]]) -> None:
+    def _on_batch(self, batch: list[list[Any]]) -> None:
         for _, kind, fields in transport.messages(batch, _SINK_KINDS, self.bad_input, "sink"):
             if kind == Kind.RESULT:
-                self._write(fields[0])
+                self._write(fields.results, fields.frames)
         self.out.flush()
 
-    def _write(self, flat: list[Any]) -> None:
+    def _write(self, flat: list[Any], frames: tuple[Any, ...]) -> None:
         for i in range(0, len(flat) - 2, 3):
-            task_id, status, data = flat[i], flat[i + 1], flat[i + 2]
-            if type(task_id) is not int or type(status) is not int or type(data) is not bytes:
+            task_id, status, data = flat[i], flat[i + 1], payload_of(flat[i + 2], frames)
+            if type(task_id) is not int or type(status) is not int or data is None:
                 self.bad_input("malformed result", "", "not [id, status, value]")
                 continue
             if task_id in self._seen:

@@ -142,9 +142,10 @@ class Reader:
     `after_send()` afterwards, so the reader looks again if input is waiting.
     """
 
-    def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[bytes]]], None], name: str,
-                 bad_input: "BadInput | None" = None) -> None:
+    def __init__(self, sock: zmq.Socket, handle: Callable[[list[list[Any]]], None], name: str,
+                 bad_input: "BadInput | None" = None, routed: bool = False) -> None:
         self.sock = sock
+        self._copied = 2 if routed else 1  # routing id and envelope are copied; payload frames are not
         self.handle = handle
         self.name = name
         self.bad_input = bad_input or BadInput(name)
@@ -190,12 +191,17 @@ class Reader:
         if len(batch) >= RECV_BATCH or self._has_input():
             self.wake()  # more is waiting: continue after the loop's other work
 
-    def _drain(self) -> list[list[bytes]]:
-        batch: list[list[bytes]] = []
-        recv = self.sock.recv_multipart
+    def _drain(self) -> list[list[Any]]:
+        """Messages as lists of frames: the envelope (and routing id) as bytes, payload frames as
+        `zmq.Frame`s, received without a copy (the scheduler passes them on as they are)."""
+        batch: list[list[Any]] = []
+        sock = self.sock
+        recv, copied = sock.recv, self._copied
         try:
             while len(batch) < RECV_BATCH:
-                frames = recv(zmq.NOBLOCK)
+                frames: list[Any] = [recv(zmq.NOBLOCK)]
+                while sock.rcvmore:  # the rest of a message is there once its first frame is
+                    frames.append(recv(copy=len(frames) < copied))
                 if len(frames) > MAX_FRAMES:
                     self.bad_input("message with too many frames", self.name, f"{len(frames)} (limit {MAX_FRAMES})")
                     continue
@@ -213,13 +219,13 @@ class Sender:
 
     def __init__(self, sock: zmq.Socket, limit: int = 1_000_000, limit_bytes: int = 1 << 40) -> None:
         self.sock = sock
-        self.backlog: deque[list[bytes] | bytes] = deque()
+        self.backlog: deque[list[Any] | bytes] = deque()
         self.limit = limit
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
         self.dropped = 0
 
-    def send(self, frames: list[bytes] | bytes) -> bool:
+    def send(self, frames: list[Any] | bytes) -> bool:
         """Queue or send; returns False (and counts a drop) if the backlog is full."""
         if self.backlog:
             return self._hold(frames)
@@ -230,10 +236,10 @@ class Sender:
             return self._hold(frames)
 
     @staticmethod
-    def _size(frames: list[bytes] | bytes) -> int:
+    def _size(frames: list[Any] | bytes) -> int:
         return len(frames) if isinstance(frames, bytes) else sum(len(f) for f in frames)
 
-    def _hold(self, frames: list[bytes] | bytes) -> bool:
+    def _hold(self, frames: list[Any] | bytes) -> bool:
         size = self._size(frames)
         if len(self.backlog) >= self.limit or self.held_bytes + size > self.limit_bytes:
             self.dropped += 1
@@ -242,11 +248,11 @@ class Sender:
         self.held_bytes += size
         return True
 
-    def _send_one(self, frames: list[bytes] | bytes) -> None:
+    def _send_one(self, frames: list[Any] | bytes) -> None:
         if isinstance(frames, bytes):
             self.sock.send(frames, zmq.NOBLOCK, copy=len(frames) < 65536)
-        else:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        else:  # payload frames go without a copy (pyzmq still copies the small ones: cheaper for them)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
 
     def flush(self) -> int:
         """Send what was held, in order; returns how many frames went out."""
@@ -295,21 +301,22 @@ class BadInput:
 
 
 
-def messages(batch: list[list[bytes]], expect: Sequence[Kind], bad_input: BadInput, name: str,
-             routed: bool = False) -> Iterator[tuple[bytes, Kind, list[Any]]]:
+def messages(batch: list[list[Any]], expect: Sequence[Kind], bad_input: BadInput, name: str,
+             routed: bool = False) -> Iterator[tuple[bytes, Kind, Any]]:
     """The valid messages of a batch as (peer routing id or b"", kind, fields); the rest counted as bad input.
 
-    A message is one frame, or with `routed` (a ROUTER) a routing id and one frame.
+    A message is an envelope frame and its payload frames, after a routing id with `routed` (a ROUTER).
     """
-    want = 2 if routed else 1
+    first = 1 if routed else 0
     for frames in batch:
         peer = frames[0] if routed and frames else b""
-        if len(frames) != want:
-            bad_input(f"bad {name} envelope", peer.hex(), f"{len(frames)} frames, expected {want}")
+        if len(frames) <= first:
+            bad_input(f"bad {name} envelope", peer.hex(), f"{len(frames)} frames, expected more than {first}")
             continue
+        single = len(frames) == first + 1
         try:
-            kind, fields = decode(frames[-1], expect=expect)
+            kind, fields = decode(frames[first] if single else frames[first:], expect=expect)
         except ProtocolError as exc:
-            bad_input(f"bad {name} message", peer.hex(), str(exc))
+            bad_input(f"bad {name} message" if single else f"bad {name} envelope", peer.hex(), str(exc))
             continue
         yield peer, kind, fields

@@ -36,7 +36,8 @@ from .execution import (
     retry_delay,
 )
 from .isolation import ChildPool
-from .protocol import Kind, Status, decode_call, encode, encode_error
+from .protocol import (Done, Drain, Kind, Status, WorkerBye, WorkerHeartbeat, WorkerHello, decode_call, encode,
+                       encode_error)
 from .registry import NotAllowed, Registry
 from .results import ResultRouter
 from .security import Curve
@@ -168,19 +169,19 @@ class Worker(Service):
         for command in self.state.take():
             if type(command) is SendDone:
                 self._results.flush()  # the results first: the DONE makes the scheduler forget these tasks
-                self._tell_scheduler(encode(Kind.DONE, command.session, command.seq, command.credit,
-                                            command.finished, command.n_failed, command.retries))
+                self._tell_scheduler(encode(Done(command.session, command.seq, command.credit, command.finished,
+                                                 command.n_failed, command.retries)))
             elif type(command) is Interrupt:
                 self._interrupt(command.task_id, command.run)
             elif type(command) is SendHello:
                 self.registered.clear()
                 self._to_scheduler.backlog.clear()  # what the old session had not sent is void
-                self._tell_scheduler(encode(Kind.WORKER_HELLO, self.name, command.session, command.free,
-                                            command.running, os.getpid(), self._host))
+                self._tell_scheduler(encode(WorkerHello(self.name, command.session, command.free, command.running,
+                                                        os.getpid(), self._host)))
             elif type(command) is SendDrain:
-                self._tell_scheduler(encode(Kind.DRAIN, command.session, command.handed_back))
+                self._tell_scheduler(encode(Drain(command.session, command.handed_back)))
             elif type(command) is SendBye:
-                self._tell_scheduler(encode(Kind.WORKER_BYE, command.session))
+                self._tell_scheduler(encode(WorkerBye(command.session)))
             elif type(command) is Malformed:
                 self.bad_input("malformed dispatch", "scheduler", command.what)
         if self.state.registered:
@@ -190,7 +191,7 @@ class Worker(Service):
         self._to_scheduler.send(frame)
         self._reader.after_send()  # a send on the DEALER can swallow its read edge
 
-    def _on_scheduler(self, batch: list[list[bytes]]) -> None:
+    def _on_scheduler(self, batch: list[list[Any]]) -> None:
         now = time.monotonic()
         self.state.heard(now)
         self._inline.new_batch()
@@ -198,18 +199,18 @@ class Worker(Service):
         try:
             for _, kind, f in transport.messages(batch, _SCHEDULER_KINDS, self.bad_input, "scheduler"):
                 if kind == Kind.DISPATCH:
-                    starts = self.state.on_dispatch(f[0], f[1], f[2], f[3], now)
+                    starts = self.state.on_dispatch(f.epoch, f.session, f.seq, f.groups, now, f.frames)
                     self._carry_out()
                     for start in starts:
                         self._start(start)
                     if self.state.credit:
                         self._schedule_flush()  # duplicates and malformed entries give their slots back too
                 elif kind == Kind.HEARTBEAT:
-                    self.state.on_heartbeat(f[0], f[1], f[2], now)
+                    self.state.on_heartbeat(f.epoch, f.session, f.dispatch_seq, now)
                 elif kind == Kind.REGISTER:
-                    self.state.on_register(f[0], now)
+                    self.state.on_register(f.epoch, now)
                 elif kind == Kind.CANCEL:
-                    self.state.on_cancel(f[2])
+                    self.state.on_cancel(f.ids)
                 self._carry_out()
         finally:
             self._handling = False
@@ -370,7 +371,7 @@ class Worker(Service):
                     self._to_scheduler.flush()
                 else:
                     try:  # a heartbeat that cannot go now is useless later: never queue it
-                        self._dealer.send(encode(Kind.WORKER_HEARTBEAT, state.session, state.done_seq), zmq.NOBLOCK)
+                        self._dealer.send(encode(WorkerHeartbeat(state.session, state.done_seq)), zmq.NOBLOCK)
                     except zmq.Again:
                         pass
             state.tick(now)

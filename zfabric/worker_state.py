@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .protocol import MAX_BATCH_TASKS
+from .protocol import MAX_BATCH_TASKS, Buffer, payload_of
 
 log = logging.getLogger("zfabric.worker")
 
@@ -91,7 +91,7 @@ class Start(NamedTuple):
     run: int
     sink: str
     tries: int
-    payload: bytes
+    payload: Buffer
     isolate: bool
 
 
@@ -174,8 +174,10 @@ class WorkerState:
             return
         self.registered = True
 
-    def on_dispatch(self, epoch: int, session: int, seq: int, groups: list[Any], now: float) -> list[Start]:
-        """Tasks to run; each entry of ``groups`` is ``[sink, [id, tries, payload, ...]]`` (``, 1]`` = isolate)."""
+    def on_dispatch(self, epoch: int, session: int, seq: int, groups: list[Any], now: float,
+                    frames: tuple[Any, ...] = ()) -> list[Start]:
+        """Tasks to run; each entry of ``groups`` is ``[sink, [id, tries, payload, ...]]`` (``, 1]`` = isolate),
+        a large payload named by its number among the message's payload ``frames``."""
         if session != self.session:
             self.counts["stale_dispatches"] += 1
             return []  # sent before our latest HELLO; the scheduler requeued those tasks
@@ -210,7 +212,9 @@ class WorkerState:
                 self.commands.append(Malformed("dispatch group ends in a partial task entry"))
             for i in range(0, 3 * n, 3):
                 task_id, tries, payload = flat[i], flat[i + 1], flat[i + 2]
-                if type(task_id) is not int or type(tries) is not int or type(payload) is not bytes:
+                if type(payload) is not bytes:
+                    payload = payload_of(payload, frames)
+                if type(task_id) is not int or type(tries) is not int or payload is None:
                     self.credit += 1
                     self.commands.append(Malformed("task entry is not [id, tries, payload]"))
                     continue
