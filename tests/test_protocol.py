@@ -106,7 +106,7 @@ def test_error_round_trip() -> None:
 
 
 def test_describe_unencodable_names_the_argument() -> None:
-    assert "argument 1 (set)" in describe_unencodable([1, {1, 2}], {})
+    assert "argument 1 (object)" in describe_unencodable([1, object()], {})
     assert "keyword argument 'f' (function)" in describe_unencodable([1], {"f": lambda: 0})
 
 

@@ -10,7 +10,9 @@ import sys
 import msgpack
 
 from .execution import call_sync, error_entry
-from .protocol import Status
+from .errors import ProtocolError
+from .protocol import Status, decode_call
+from .values import classes_of
 from .registry import NotAllowed, Registry
 from .runtime import die_with_parent
 
@@ -21,20 +23,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m zfabric.child")
     parser.add_argument("--app", action="append", default=[])
     registry = Registry(parser.parse_args().app)
+    classes = classes_of(registry.modules)
     die_with_parent()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = stdin.read(_LEN.size)
         if len(header) < _LEN.size:
             return
-        name, args, kwargs, options, tries = msgpack.unpackb(stdin.read(_LEN.unpack(header)[0]), raw=False)
+        payload, tries = msgpack.unpackb(stdin.read(_LEN.unpack(header)[0]), raw=False)
         try:
+            name, args, kwargs, options = decode_call(payload, classes)
             fn = registry.resolve(name)
             if registry.is_async(fn):
                 coroutine_fn = fn
                 fn = lambda *a, **k: asyncio.run(coroutine_fn(*a, **k))  # noqa: E731
             outcome = call_sync(fn, args, kwargs, options, tries)
-        except NotAllowed as exc:
+        except (NotAllowed, ProtocolError) as exc:
             outcome = (Status.REJECTED, error_entry(exc)[1], None)
         reply = msgpack.packb(list(outcome), use_bin_type=True)
         stdout.write(_LEN.pack(len(reply)) + reply)

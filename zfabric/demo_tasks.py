@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import hashlib
 import os
 import time
@@ -144,3 +146,27 @@ def raise_kind(kind: str) -> None:
     elif kind == "exit":
         raise SystemExit(3)
     raise KeyError(kind)
+
+
+class Shade(enum.Enum):
+    """An app's enum: its members travel with their type."""
+    LIGHT = "light"
+    DARK = "dark"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """An app's dataclass: its instances travel with their type."""
+    x: float
+    y: float
+    label: str = ""
+
+
+def type_names(*args: Any, **kwargs: Any) -> list[str]:
+    """The type of each argument as the worker sees it (keywords sorted by name)."""
+    return [type(a).__name__ for a in args] + [type(kwargs[k]).__name__ for k in sorted(kwargs)]
+
+
+def unsendable() -> Any:
+    """Return a value no fabric can send back."""
+    return object()

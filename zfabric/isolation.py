@@ -80,13 +80,12 @@ class ChildPool:
         self._all.add(child)
         return child
 
-    async def run(self, name: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any], tries: int,
-                  timeout_s: float | None) -> tuple[int, bytes, float | None]:
+    async def run(self, payload: Any, tries: int, timeout_s: float | None) -> tuple[int, bytes, float | None]:
         """(status, payload, retry delay or None); a TIMEOUT when the call overran and its child was killed,
         LOST when the call killed its child."""
         async with self._slots:
             child = self._idle.pop() if self._idle else await self._spawn()
-            request = msgpack.packb([name, args, kwargs, options, tries], use_bin_type=True)
+            request = msgpack.packb([bytes(payload), tries], use_bin_type=True)  # the call as it came
             try:
                 status, data, delay = await asyncio.wait_for(child.call(request), timeout_s)
             except asyncio.TimeoutError:

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Sequence, get_type_hints, overload
 import msgpack
 
 from .errors import ProtocolError
+from .values import ClassLookup, decode_value, encode_call_parts, encode_value
 
 VERSION = 2
 
@@ -318,8 +319,6 @@ def payload_of(ref: Any, frames: Sequence[Any]) -> Buffer | None:
 
 ENVELOPE_CONTAINERS = 10_000
 """Arrays and maps one envelope may hold in all (a real one holds a handful: batches are flat)."""
-PAYLOAD_CONTAINERS = 1_000_000
-"""Arrays and maps one task payload may hold in all."""
 
 
 class _ContainerBudget:
@@ -390,38 +389,19 @@ def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = No
 
 # ---- payloads: the opaque bin values carried inside envelopes ------------------------------
 
-def encode_value(value: Any) -> bytes:
-    """Encode a user value (argument list or result); raises TypeError/ValueError if msgpack cannot."""
-    return _packer().pack(value)
-
-
-def decode_value(data: bytes) -> Any:
-    """Decode a user value; raises ProtocolError.
-
-    msgpack's own defaults bound every length by the size of `data` (so a lying
-    header is refused), keys must be str or bytes and strings are UTF-8; only
-    ext types need refusing here. Per-task decoding is hot: no further kwargs.
-    """
-    try:
-        if len(data) <= 4096:  # too small to expand much: skip the (per-container) budget on the hot path
-            return msgpack.unpackb(data, max_ext_len=0)
-        return msgpack.unpackb(data, max_ext_len=0, list_hook=_ContainerBudget(PAYLOAD_CONTAINERS),
-                               object_hook=_ContainerBudget(PAYLOAD_CONTAINERS))
-    except Exception as exc:
-        raise ProtocolError(f"undecodable value ({type(exc).__name__}: {_short(str(exc))})") from None
-
-
 def encode_call(function: str, args: Sequence[Any], kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:
-    """Encode a task call: ``[function, args, kwargs, options]``."""
-    return _packer().pack([function, args, kwargs, options])
+    """Encode a task call: ``[function, args, kwargs, options]`` (values with their types: `values`)."""
+    return encode_call_parts(function, args, kwargs, options)
 
 
-def decode_call(payload: bytes) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
-    """Decode and validate a task call; raises ProtocolError saying what is wrong."""
-    call = decode_value(payload)
+def decode_call(payload: Any, lookup: ClassLookup | None = None) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
+    """Decode and validate a task call; raises ProtocolError saying what is wrong. ``lookup``: the classes
+    of enums and dataclasses the arguments may hold (a worker's app modules)."""
+    call = decode_value(payload, lookup)
     if (type(call) is not list or len(call) != 4 or type(call[0]) is not str
-            or type(call[1]) is not list or type(call[2]) is not dict or type(call[3]) is not dict):
-        raise ProtocolError("task payload is not [function, args, kwargs, options]")
+            or type(call[1]) is not list or type(call[2]) is not dict or type(call[3]) is not dict
+            or not all(type(key) is str for key in call[2])):
+        raise ProtocolError("task payload is not [function, args, kwargs with str keys, options]")
     return call[0], call[1], call[2], call[3]
 
 
@@ -429,8 +409,8 @@ def encode_error(type_name: str, message: str, traceback_text: str = "") -> byte
     return _packer().pack([type_name, message, traceback_text])
 
 
-def decode_error(data: bytes) -> tuple[str, str, str]:
-    err = decode_value(data)
+def decode_error(data: Any) -> tuple[str, str, str]:
+    err = decode_value(data, None)
     if type(err) is not list or len(err) != 3 or not all(type(x) is str for x in err):
         raise ProtocolError("error payload is not [type, message, traceback]")
     return err[0], err[1], err[2]

@@ -43,6 +43,7 @@ from .results import ResultRouter
 from .security import Curve
 from .service import Service
 from .threads import SyncThreads
+from .values import classes_of
 from .worker_state import (
     Interrupt,
     Malformed,
@@ -84,6 +85,7 @@ class Worker(Service):
         self._handling = False
         self._inline = InlinePolicy()
         self._isolated: ChildPool | None = None
+        self._classes = classes_of(self.registry.modules)  # the enums and dataclasses arguments may hold
 
     @property
     def counts(self) -> dict[str, int]:
@@ -222,7 +224,7 @@ class Worker(Service):
     def _start(self, start: Start) -> None:
         task_id, run, sink, tries, payload, isolate = start
         try:
-            name, args, kwargs, options = decode_call(payload)
+            name, args, kwargs, options = decode_call(payload, self._classes)
             problem = check_options(options) if options else None
             if problem:
                 raise ProtocolError(problem)
@@ -237,7 +239,7 @@ class Worker(Service):
             # a suspect (it was on dying workers: if it kills a process, let that be only a child), or a
             # sync task with a timeout (killed if it overruns)
             self._runners[task_id] = self._loop.create_task(
-                self._run_isolated(task_id, run, sink, tries, name, args, kwargs, options))
+                self._run_isolated(task_id, run, sink, tries, payload, options))
         elif self.registry.is_async(fn):
             self._runners[task_id] = self._loop.create_task(
                 self._run_async(task_id, run, sink, tries, fn, args, kwargs, options))
@@ -276,13 +278,13 @@ class Worker(Service):
             return
         self._complete(task_id, run, sink, *result_entry(value))
 
-    async def _run_isolated(self, task_id: int, run: int, sink: str, tries: int, name: str, args: list[Any],
-                            kwargs: dict[str, Any], options: dict[str, Any]) -> None:
-        """A sync task with a timeout, or a suspect: in a child process."""
+    async def _run_isolated(self, task_id: int, run: int, sink: str, tries: int, payload: Any,
+                            options: dict[str, Any]) -> None:
+        """A sync task with a timeout, or a suspect: in a child process (which decodes the call itself)."""
         if self._isolated is None:
             self._isolated = ChildPool(tuple(self.registry.modules), self.config.timeout_procs)
         try:
-            status, data, delay = await self._isolated.run(name, args, kwargs, options, tries, options.get("timeout_s"))
+            status, data, delay = await self._isolated.run(payload, tries, options.get("timeout_s"))
         except asyncio.CancelledError:
             if not self._stop.is_set():
                 self._complete(task_id, run, sink, Status.CANCELLED, encode_error("TaskCancelled", "cancelled"))

@@ -1,0 +1,349 @@
+"""Task arguments and results with their Python types, without pickle (layer 1: imports errors).
+
+The rule it keeps: decoding builds only what the fixed table below names,
+and imports no module but numpy (to decode an array). msgpack carries None, bool, int, float, str,
+bytes, list and dict natively; every other type in the table travels as a
+msgpack extension type whose code says which::
+
+    1 int beyond 64 bits   2 tuple      3 set        4 frozenset   5 complex
+    6 bytearray            7 datetime   8 date       9 time       10 timedelta
+    11 Decimal            12 UUID      13 PurePath  14 enum member 15 dataclass
+    16 numpy.ndarray
+
+Enum members and dataclass instances name their class by module and
+qualified name; the decoder looks them up through a `ClassLookup` (a worker
+allows its ``--app`` modules only, a client any module it has imported) and
+builds dataclasses without running their ``__init__``. numpy is needed
+only where arrays are: it is imported to decode one (the only import a
+peer's value can cause), never otherwise. Dict keys may be
+any hashable value of the table. A value of any other type fails to encode
+with an error naming the type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import pathlib
+import struct
+import sys
+import threading
+import uuid
+from typing import Any, Callable
+
+import msgpack
+
+from .errors import ProtocolError
+
+ClassLookup = Callable[[str, str], "type | None"]
+"""(module, qualified name) -> the class, if decoding may build instances of it here."""
+
+PAYLOAD_CONTAINERS = 1_000_000
+"""Arrays, maps and extension values one payload may hold in all."""
+
+INT, TUPLE, SET, FROZENSET, COMPLEX, BYTEARRAY, DATETIME, DATE, TIME, TIMEDELTA, DECIMAL, UUID, PATH, ENUM, \
+    DATACLASS, NDARRAY = range(1, 17)
+
+_PATHS: dict[str, type[pathlib.PurePath]] = {
+    "PurePosixPath": pathlib.PurePosixPath, "PureWindowsPath": pathlib.PureWindowsPath,
+    "PosixPath": pathlib.PurePosixPath, "WindowsPath": pathlib.PureWindowsPath}
+_CONCRETE: dict[type[pathlib.PurePath], type[pathlib.PurePath]] = (
+    {pathlib.PurePosixPath: pathlib.PosixPath} if sys.platform != "win32" else
+    {pathlib.PureWindowsPath: pathlib.WindowsPath})
+"""A concrete path comes back concrete where it can (a PosixPath on a POSIX host), else pure."""
+_COMPLEX = struct.Struct("<dd")
+
+
+class UnsendableValue(TypeError):
+    """A value whose type is not in the table."""
+
+
+def imported_classes(module: str, qualname: str) -> type | None:
+    """A `ClassLookup` for callers: any class of a module this process has imported."""
+    return _find(sys.modules.get(module), qualname)
+
+
+def classes_of(modules: Any) -> ClassLookup:
+    """A `ClassLookup` for workers: classes of these modules only (as imported here already)."""
+    allowed = frozenset(modules)
+
+    def lookup(module: str, qualname: str) -> type | None:
+        return _find(sys.modules.get(module), qualname) if module in allowed else None
+    return lookup
+
+
+def _find(obj: Any, qualname: str) -> type | None:
+    if obj is None:
+        return None
+    for part in qualname.split("."):
+        if part.startswith("_") and part != "__main__":
+            return None
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
+# ---- encoding ---------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    try:
+        return _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, strict_types=True, default=_default)
+        return packer
+
+
+def _mark(value: Any) -> Any:
+    """A bytearray marked as one: msgpack packs it as bytes without asking `_default`. Only values at the
+    top (a result, each argument) and the items of tuples and sets are looked at: a walk of every list
+    would cost as much as packing it. A bytearray deeper in a list or dict arrives as bytes."""
+    return msgpack.ExtType(BYTEARRAY, bytes(value)) if type(value) is bytearray else value
+
+
+def encode_call_parts(function: str, args: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:
+    """Encode ``[function, args, kwargs, options]``, each argument with its type."""
+    return encode_value([function, [_mark(a) for a in args],
+                         {k: _mark(v) for k, v in kwargs.items()} if kwargs else kwargs, options])
+
+
+def encode_value(value: Any) -> bytes:
+    """Encode one value; raises `UnsendableValue` naming the first type outside the table."""
+    try:
+        return _packer().pack(_mark(value))
+    except UnsendableValue:
+        _local.__dict__.pop("packer", None)  # a Packer that raised mid-value may hold a partial buffer
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        _local.__dict__.pop("packer", None)
+        raise UnsendableValue(str(exc)) from None
+
+
+def _pack(value: Any) -> bytes:
+    # A nested value needs its own Packer: the thread's one is in the middle of packing its container.
+    return msgpack.Packer(use_bin_type=True, strict_types=True, default=_default).pack(value)
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    """The extension form of every non-native type of the table (msgpack calls it for nothing else)."""
+    cls = type(obj)
+    if cls is tuple:
+        return msgpack.ExtType(TUPLE, _pack([_mark(item) for item in obj]))
+    if cls is int:  # beyond 64 bits (msgpack packs the others itself)
+        return msgpack.ExtType(INT, obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True))
+    if cls is set or cls is frozenset:
+        return msgpack.ExtType(SET if cls is set else FROZENSET, _pack([_mark(item) for item in obj]))
+    if cls is dt.datetime:
+        return msgpack.ExtType(DATETIME, obj.isoformat().encode())
+    if cls is dt.date:
+        return msgpack.ExtType(DATE, obj.isoformat().encode())
+    if cls is dt.time:
+        return msgpack.ExtType(TIME, obj.isoformat().encode())
+    if cls is dt.timedelta:
+        return msgpack.ExtType(TIMEDELTA, _pack([obj.days, obj.seconds, obj.microseconds]))
+    if cls is complex:
+        return msgpack.ExtType(COMPLEX, _COMPLEX.pack(obj.real, obj.imag))
+    if cls is bytearray:
+        return msgpack.ExtType(BYTEARRAY, bytes(obj))
+    if cls is decimal.Decimal:
+        return msgpack.ExtType(DECIMAL, str(obj).encode())
+    if cls is uuid.UUID:
+        return msgpack.ExtType(UUID, obj.bytes)
+    if isinstance(obj, pathlib.PurePath):
+        return msgpack.ExtType(PATH, _pack([cls.__name__ if cls.__name__ in _PATHS else
+                                            ("PureWindowsPath" if isinstance(obj, pathlib.PureWindowsPath)
+                                             else "PurePosixPath"), str(obj)]))
+    if isinstance(obj, enum.Enum):
+        return msgpack.ExtType(ENUM, _pack([cls.__module__, cls.__qualname__, obj.name]))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [f.name for f in dataclasses.fields(obj)]
+        return msgpack.ExtType(DATACLASS, _pack([cls.__module__, cls.__qualname__, fields,
+                                                 [getattr(obj, name) for name in fields]]))
+    if cls.__module__ == "numpy":
+        if cls.__name__ == "ndarray":
+            return _encode_array(obj)
+        numpy = sys.modules["numpy"]
+        if isinstance(obj, numpy.generic):  # a numpy scalar (numpy.float64 ...): a 0-d array, unwrapped
+            return _encode_array(numpy.asarray(obj), scalar=True)
+    if isinstance(obj, (int, str, bytes, float, list, dict)):  # subclasses: the type would be lost
+        raise UnsendableValue(f"{cls.__module__}.{cls.__qualname__} (a subclass of {cls.__mro__[1].__name__}) "
+                              "cannot be sent with its type; convert it to the base type")
+    raise UnsendableValue(f"values of type {cls.__module__}.{cls.__qualname__} cannot be sent (not in zfabric's "
+                          "value table: see the README); convert it, or send a dataclass of an app module")
+
+
+def _encode_array(array: Any, scalar: bool = False) -> msgpack.ExtType:
+    if array.dtype.hasobject:
+        raise UnsendableValue("numpy arrays of dtype object cannot be sent (their items are Python objects)")
+    contiguous = array if array.flags.c_contiguous else array.copy(order="C")
+    header = _pack([array.dtype.str if array.dtype.fields is None else array.dtype.descr,
+                    None if scalar else list(array.shape)])
+    return msgpack.ExtType(NDARRAY, struct.pack("<I", len(header)) + header + contiguous.tobytes())
+
+
+# ---- decoding ---------------------------------------------------------------------------------
+
+
+MAX_EXT_DEPTH = 64
+"""Extension values (tuples in tuples, say) nested deeper than this are refused."""
+SMALL_PAYLOAD = 4096
+"""A payload this small cannot expand much: it is decoded without counting its containers (the hot path)."""
+
+
+class _Decoder:
+    """One payload's extension hook and container budget (shared by the values nested in it)."""
+
+    __slots__ = ("lookup", "left", "counting", "depth")
+
+    def __init__(self, lookup: ClassLookup | None, counting: bool) -> None:
+        self.lookup = lookup
+        self.left = PAYLOAD_CONTAINERS
+        self.counting = counting
+        self.depth = 0
+
+    def count(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many arrays, maps and extension values in one payload")
+        return obj
+
+    def unpack(self, data: Any) -> Any:
+        if self.counting:
+            return msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext, list_hook=self.count,
+                                   object_hook=self.count)
+        return msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext)
+
+    def ext(self, code: int, data: bytes) -> Any:
+        if self.counting:
+            self.count(None)
+        if self.depth >= MAX_EXT_DEPTH:  # each level is a nested unpackb: deep enough would overflow C's stack
+            raise ValueError(f"extension values nested over {MAX_EXT_DEPTH} deep")
+        self.depth += 1
+        try:
+            return self._ext(code, data)
+        finally:
+            self.depth -= 1
+
+    def _ext(self, code: int, data: bytes) -> Any:
+        if code == TUPLE:
+            return tuple(self._list(data))
+        if code == INT:
+            return int.from_bytes(data, "big", signed=True)
+        if code == SET:
+            return set(self._list(data))
+        if code == FROZENSET:
+            return frozenset(self._list(data))
+        if code == DATETIME:
+            return dt.datetime.fromisoformat(data.decode())
+        if code == DATE:
+            return dt.date.fromisoformat(data.decode())
+        if code == TIME:
+            return dt.time.fromisoformat(data.decode())
+        if code == TIMEDELTA:
+            days, seconds, micros = self._ints(data, 3)
+            return dt.timedelta(days, seconds, micros)
+        if code == COMPLEX:
+            return complex(*_COMPLEX.unpack(data))
+        if code == BYTEARRAY:
+            return bytearray(data)
+        if code == DECIMAL:
+            return decimal.Decimal(data.decode())
+        if code == UUID:
+            return uuid.UUID(bytes=data)
+        if code == PATH:
+            kind, text = self._list(data, 2)
+            base = _PATHS.get(kind) if type(kind) is str and type(text) is str else None
+            if base is None:
+                raise ValueError(f"unknown path kind {kind!r}")
+            return _CONCRETE.get(base, base)(text) if kind in ("PosixPath", "WindowsPath") else base(text)
+        if code == ENUM:
+            module, qualname, name = self._list(data, 3)
+            cls = self._class(module, qualname)
+            if not issubclass(cls, enum.Enum) or type(name) is not str or name not in cls.__members__:
+                raise ValueError(f"{module}.{qualname} has no enum member {name!r}")
+            return cls[name]
+        if code == DATACLASS:
+            return self._dataclass(*self._list(data, 4))
+        if code == NDARRAY:
+            return _decode_array(data, self)
+        raise ValueError(f"unknown extension type {code}")
+
+    def _list(self, data: bytes, n: int | None = None) -> list[Any]:
+        items = self.unpack(data)
+        if type(items) is not list or (n is not None and len(items) != n):
+            raise ValueError("malformed extension value")
+        return items
+
+    def _ints(self, data: bytes, n: int) -> list[int]:
+        items = self._list(data, n)
+        if not all(type(i) is int for i in items):
+            raise ValueError("malformed extension value")
+        return items
+
+    def _class(self, module: Any, qualname: Any) -> type:
+        found = self.lookup(module, qualname) if (self.lookup and type(module) is str
+                                                  and type(qualname) is str) else None
+        if found is None:
+            raise ValueError(f"class {module}.{qualname} is not one this process may build "
+                             "(enums and dataclasses must come from the worker's --app modules)")
+        return found
+
+    def _dataclass(self, module: Any, qualname: Any, names: Any, values: Any) -> Any:
+        cls = self._class(module, qualname)
+        if not dataclasses.is_dataclass(cls):
+            raise ValueError(f"{module}.{qualname} is not a dataclass")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if names != fields or type(values) is not list or len(values) != len(fields):
+            raise ValueError(f"fields {names!r} do not match dataclass {module}.{qualname} {fields!r}")
+        obj = object.__new__(cls)
+        for name, value in zip(fields, values):
+            object.__setattr__(obj, name, value)  # as it was: no __init__ or __post_init__ runs here
+        return obj
+
+
+def _decode_array(data: bytes, decoder: _Decoder) -> Any:
+    try:
+        import numpy  # the one module decoding may import: it is in the table, and only an array needs it
+    except ImportError:
+        raise ValueError("a numpy array arrived, but numpy is not installed here") from None
+    if len(data) < 4:
+        raise ValueError("malformed array")
+    (n,) = struct.unpack_from("<I", data)
+    dtype_spec, shape = decoder._list(data[4:4 + n], 2)
+    dtype = numpy.dtype(dtype_spec if type(dtype_spec) is str else [tuple(f) for f in dtype_spec])
+    scalar = shape is None
+    shape = [] if scalar else shape
+    if dtype.hasobject or type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError("malformed array header")
+    body = memoryview(data)[4 + n:]
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(body):
+        raise ValueError(f"array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, got {len(body)}")
+    array = numpy.frombuffer(body, dtype=dtype).reshape(shape)
+    return array[()] if scalar else array.copy()  # writable, and not holding the whole message
+
+
+_small: dict[Any, _Decoder] = {}
+
+
+def decode_value(data: Any, lookup: ClassLookup | None = imported_classes) -> Any:
+    """Decode one value; raises `ProtocolError` saying what was wrong. ``lookup`` decides which enum and
+    dataclass classes may be built (None: none)."""
+    try:
+        if len(data) > SMALL_PAYLOAD:
+            return _Decoder(lookup, counting=True).unpack(data)
+        decoder = _small.get(lookup)
+        if decoder is None:
+            decoder = _small[lookup] = _Decoder(lookup, counting=False)
+            if len(_small) > 64:
+                _small.clear()
+        return decoder.unpack(data)
+    except Exception as exc:  # msgpack and the hooks raise many types on bad input
+        text = str(exc)
+        raise ProtocolError(f"undecodable value ({type(exc).__name__}: "
+                            f"{text if len(text) <= 200 else text[:197] + '...'})") from None
