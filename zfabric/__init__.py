@@ -10,6 +10,7 @@ from .submitter import Submitter
 from .config import ClientConfig, CurveConfig, SchedulerConfig, Timing, WorkerConfig
 from .errors import (ConfigError, FabricError, FabricUnreachable, ProtocolError, SubmitError, TaskCancelled,
                      TaskError, TaskRejected, TaskTimeout, WorkerLost)
+from .executor import Executor
 from .handle import Handle, as_completed
 from .local import local
 from .scheduler import Scheduler
@@ -20,7 +21,7 @@ from .worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Submitter", "SyncClient", "Handle", "as_completed", "local", "Scheduler", "Worker", "Sink",
+    "Client", "Submitter", "SyncClient", "Executor", "Handle", "as_completed", "local", "Scheduler", "Worker", "Sink",
     "ClientConfig", "CurveConfig", "SchedulerConfig", "WorkerConfig", "Timing",
     "FabricError", "TaskError", "TaskTimeout", "TaskCancelled", "TaskRejected", "WorkerLost", "FabricUnreachable",
     "SubmitError", "ConfigError", "ProtocolError",

@@ -21,15 +21,21 @@ class SyncClient:
     """``with zfabric.SyncClient("tcp://host:7100") as c: c.submit(fn, 1).result(10); c.map(fn, xs)``."""
 
     def __init__(self, address: str | ClientConfig | None = None, **options: Any) -> None:
-        self._client = Client(address, **options)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="zfabric-client", daemon=True)
         self._thread.start()
         try:
-            self._call(self._client.start(), None)
+            self._client: Client = self._call(self._open(address, options), None)
         except BaseException:
             self._shutdown_loop()
             raise
+
+    async def _open(self, address: str | ClientConfig | None, options: dict[str, Any]) -> Client:
+        """Start the client, on the loop thread (`Executor` overrides this and `_close` for a local fabric)."""
+        return await Client(address, **options).start()
+
+    async def _close(self) -> None:
+        await self._client.stop()
 
     @property
     def client(self) -> Client:
@@ -50,6 +56,8 @@ class SyncClient:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def submit_on_loop() -> None:
+            if future.cancelled():
+                return
             try:
                 submitter = self._client.options(priority=priority, **options) if options or priority else self._client
                 handle = submitter.submit(fn, *args, **kwargs)
@@ -57,9 +65,17 @@ class SyncClient:
                 future.set_exception(exc)
                 return
             handle.add_done_callback(lambda h: _copy_outcome(h, future))
+            future.add_done_callback(lambda f: self._cancel_soon(handle) if f.cancelled() else None)
 
         self._loop.call_soon_threadsafe(submit_on_loop)
         return future
+
+    def _cancel_soon(self, handle: Handle) -> None:
+        """A caller cancelled a future: cancel its task too (on the loop thread, if it still runs)."""
+        try:
+            self._loop.call_soon_threadsafe(handle.cancel)
+        except RuntimeError:  # the loop is closed: the client is gone, and with it the task
+            pass
 
     def map(self, fn: TaskRef, *iterables: Iterable[Any], timeout: float | None = None, **options: Any) -> list[Any]:
         """Results in input order (options as in `Client.options`)."""
@@ -70,9 +86,11 @@ class SyncClient:
         return self._call(self._client.status(), None)
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._call(self._client.stop(), 30)
-        self._shutdown_loop()
+        try:
+            if self._loop.is_running():
+                self._call(self._close(), 30)
+        finally:
+            self._shutdown_loop()
 
     def _shutdown_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,0 +1,158 @@
+"""`zfabric.Executor`: the fabric as a `concurrent.futures.Executor` (layer 5: imports syncclient, local;
+only `__init__` imports it).
+
+The rule it keeps: nothing the fabric needs refers back to the `Executor`
+object. Its client, its unfinished futures and its local fabric live in a
+`_Running` that a `weakref.finalize` holds, so an executor that is dropped
+without `shutdown()` is still collected, and its fabric is still torn down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Iterable, Iterator
+
+from .client import Client
+from .config import ClientConfig
+from .errors import ConfigError
+from .local import local
+from .submitter import TaskRef
+from .syncclient import SyncClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Executor"]
+
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` whose calls run on a zfabric fabric.
+
+    ``Executor(workers=4, app=["myapp.tasks"])`` starts a local fabric (a
+    scheduler and `workers` worker processes, as `zfabric.local` does) that
+    `shutdown()` stops; ``Executor()`` starts one worker per CPU, as
+    `ProcessPoolExecutor()` does. ``Executor(address="tcp://host:7100")``
+    attaches to a running fabric, and `shutdown()` only closes the client.
+    Other keyword arguments are `zfabric.local` options (local) or client
+    options (attached). Functions must be defined in the workers' `app`
+    modules; `fn` is the function or its ``"module:function"`` name.
+    """
+
+    def __init__(self, workers: int | None = None, app: Iterable[str] | str = (), *, address: str | None = None,
+                 **options: Any) -> None:
+        if address is not None:
+            if workers is not None or app:
+                raise ConfigError("give either address= (attach to a fabric) or workers=/app= (start one), not both")
+            sync = SyncClient(address, **options)
+        else:
+            if workers is None:
+                workers = os.cpu_count() or 1
+            if type(workers) is not int or workers < 1:
+                raise ConfigError(f"workers must be an int of at least 1, got {workers!r}")
+            sync = _LocalSync(local(workers, app, **options))
+        self._running = _Running(sync)
+        self._lock = threading.Lock()
+        self._shut = False
+        self._finalizer = weakref.finalize(self, _collect, self._running)
+        log.debug("executor on %s (%s)", self.address, "attached" if address is not None else f"{workers} workers")
+
+    @property
+    def address(self) -> str:
+        """The fabric's address (another client or `zfabric status` can attach to a local one)."""
+        return self._running.sync.client.config.address
+
+    def submit(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on the fabric; cancelling the future cancels the task."""
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = self._running.sync.submit(fn, *args, **kwargs)
+            self._running.track(future)
+        return future
+
+    def map(self, fn: TaskRef, *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Results in input order, as `concurrent.futures.Executor.map` (all calls are submitted at once;
+        the deadline counts from this call). `chunksize` is accepted for compatibility: the fabric already
+        batches calls on the wire."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        return super().map(fn, *iterables, timeout=timeout)  # type: ignore[arg-type]  # (a str goes to submit)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; unfinished ones run to the end (or are cancelled, queued or running, with
+        `cancel_futures`), then the client closes and a local fabric stops; in the background if not `wait`."""
+        with self._lock:
+            self._shut = True
+        if cancel_futures:
+            self._running.cancel_all()
+        if self._finalizer.detach() is not None:
+            if wait:
+                self._running.close()
+            else:
+                threading.Thread(target=self._running.close, name="zfabric-executor-shutdown").start()
+        elif wait:
+            self._running.closed.wait()
+
+
+class _LocalSync(SyncClient):
+    """A `SyncClient` whose loop thread also runs a local fabric (started before the client, stopped after)."""
+
+    def __init__(self, fabric: local) -> None:
+        self._fabric = fabric
+        super().__init__()
+
+    async def _open(self, address: str | ClientConfig | None, options: dict[str, Any]) -> Client:
+        return await self._fabric.__aenter__()
+
+    async def _close(self) -> None:
+        await self._fabric.__aexit__(None, None, None)
+
+
+class _Running:
+    """What outlives the `Executor` object: its client and its unfinished futures."""
+
+    def __init__(self, sync: SyncClient) -> None:
+        self.sync = sync
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+
+    def track(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def _unfinished(self) -> list[concurrent.futures.Future[Any]]:
+        with self._lock:
+            return list(self._futures)
+
+    def cancel_all(self) -> None:
+        for future in self._unfinished():
+            future.cancel()
+
+    def close(self) -> None:
+        """Wait for the unfinished futures, then close the client (and stop a local fabric)."""
+        try:
+            concurrent.futures.wait(self._unfinished())
+            self.sync.close()
+        except Exception:  # a caller cannot act on it (and a background thread has no caller)
+            log.exception("executor: shutting down failed")
+        finally:
+            self.closed.set()
+
+
+def _collect(running: _Running) -> None:
+    """An executor was collected without `shutdown()`: close in the background, as `ProcessPoolExecutor`
+    does (at interpreter exit, here: a thread started now would not be waited for)."""
+    if threading.main_thread().is_alive():
+        threading.Thread(target=running.close, name="zfabric-executor-shutdown").start()
+    else:
+        running.close()
