@@ -1166,7 +1166,7 @@ def test_raw_submissions_cannot_escape_either(hostile: HostileFabric, tmp_path: 
         tasks[2000 + j] = payload
     tasks[3000] = encode_call("zfabric.demo_tasks:inc", [41], {}, {})                    # a good one in the batch
     tasks[3001] = encode_call("zfabric.demo_tasks:slow_then_touch", [0, marker + ".ok"], {}, {})
-    tasks[3002] = encode_call("zfabric.demo_tasks:add", [1], {b"b": 2}, {})              # bytes keyword: an error
+    tasks[3002] = encode_call("zfabric.demo_tasks:add", [1], {b"b": 2}, {})              # bytes keyword: refused
     raw = RawClient(hostile.address)
     try:
         raw.submit(tasks)
@@ -1179,7 +1179,7 @@ def test_raw_submissions_cannot_escape_either(hostile: HostileFabric, tmp_path: 
             assert status == Status.REJECTED, (task_id, status, decode_error(data)[:2])
     assert results[3000] == (Status.OK, encode_value(42))
     assert results[3001][0] == Status.OK and os.path.exists(marker + ".ok")
-    assert results[3002][0] == Status.ERROR
+    assert results[3002][0] == Status.REJECTED
     assert not os.path.exists(marker)
 
 
