@@ -79,9 +79,10 @@ class WorkerMachine(RuleBasedStateMachine):
 
     def started(self, starts: list[Start]) -> None:
         for start in starts:
-            assert start.task_id not in self.live
-            self.live[start.task_id] = start.run
-            self.outstanding.add(start.task_id)
+            task_id, run = start[0], start[1]
+            assert task_id not in self.live
+            self.live[task_id] = run
+            self.outstanding.add(task_id)
 
     def dispatch(self, groups: list, session: int | None = None, seq: int | None = None) -> None:
         session = self.session if session is None else session
@@ -281,15 +282,15 @@ def test_credit_is_conserved_through_a_session_change() -> None:
     hello = state.take()[0]
     assert isinstance(hello, SendHello) and hello.free == 4
     starts = state.on_dispatch(1, hello.session, 1, [["s", [1, 0, b"a", 2, 0, b"b"]]], 0.0)
-    assert [s.task_id for s in starts] == [1, 2]
-    assert state.finish(1, starts[0].run, failed=False)
+    assert [s[0] for s in starts] == [1, 2]
+    assert state.finish(1, starts[0][1], failed=False)
     state.hello(1.0)
     done, again = state.take()
     assert isinstance(done, SendDone) and done.finished == [1] and done.session == hello.session
     assert isinstance(again, SendHello) and again.running == [2] and again.free == 3
     state.validate()
-    assert not state.finish(2, starts[1].run + 1, failed=False)  # no such run
-    assert state.finish(2, starts[1].run, failed=True)
+    assert not state.finish(2, starts[1][1] + 1, failed=False)  # no such run
+    assert state.finish(2, starts[1][1], failed=True)
     state.send_done()
     (done,) = state.take()
     assert isinstance(done, SendDone) and done.credit == 1 and done.n_failed == 1

@@ -23,7 +23,8 @@ from typing import Any
 from .config import ClientConfig
 from .errors import TaskRejected
 from .handle import DONE, SENT, WAITING, Handle
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_FRAME_BYTES, Status, attach, payload_of
+from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_FRAME_BYTES, PAYLOAD_FRAME_BYTES, Status, attach,
+                       payload_of)
 
 log = logging.getLogger("zfabric.client")
 
@@ -138,7 +139,8 @@ class ClientState:
                     break  # it goes first in the next frame: no frame passes the frame limit
                 outbox.popleft()
                 handle.state = SENT
-                flat += (handle.id, handle.priority, attach(handle.payload, frames))
+                payload = handle.payload
+                flat += (handle.id, handle.priority, payload if n < PAYLOAD_FRAME_BYTES else attach(payload, frames))
                 size += n
                 room -= 1
             if flat:

@@ -13,12 +13,14 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Any, Iterable, Iterator
 
 from .client import Client
 from .config import ClientConfig
 from .errors import ConfigError
+from .handle import Handle
 from .local import local
 from .submitter import TaskRef
 from .syncclient import SyncClient
@@ -75,12 +77,21 @@ class Executor(concurrent.futures.Executor):
 
     def map(self, fn: TaskRef, *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
-        """Results in input order, as `concurrent.futures.Executor.map` (all calls are submitted at once;
-        the deadline counts from this call). `chunksize` is accepted for compatibility: the fabric already
-        batches calls on the wire."""
+        """Results in input order, as `concurrent.futures.Executor.map`: every call is submitted now, the
+        deadline counts from this call, the first exception is raised where its result would be, and the
+        calls not yet yielded are cancelled if the iterator is closed early. `chunksize` is accepted for
+        compatibility: the fabric already batches calls on the wire. No Future is made per call (they cost
+        more than the task): one `_Batch` waits for the handles in order."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        return super().map(fn, *iterables, timeout=timeout)  # type: ignore[arg-type]  # (a str goes to submit)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        calls = list(zip(*iterables))
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            batch = _Batch(self._running.sync, fn, calls)
+            self._running.track(batch.done)
+        return batch.results(deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new calls; unfinished ones run to the end (or are cancelled, queued or running, with
@@ -96,6 +107,70 @@ class Executor(concurrent.futures.Executor):
                 threading.Thread(target=self._running.close, name="zfabric-executor-shutdown").start()
         elif wait:
             self._running.closed.wait()
+
+
+class _Batch:
+    """The calls of one `Executor.map`: submitted in one turn of the loop thread, waited for in order."""
+
+    def __init__(self, sync: SyncClient, fn: TaskRef, calls: list[tuple[Any, ...]]) -> None:
+        self.sync = sync
+        self.handles: list[Handle | BaseException] = []
+        self.finished = 0
+        self.cond = threading.Condition()
+        self.submitted = threading.Event()
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()  # all finished (for shutdown)
+        self.total = len(calls)
+        self.done.add_done_callback(lambda f: self.cancel() if f.cancelled() else None)  # shutdown(cancel_futures)
+        if not calls:
+            self.submitted.set()
+            self.done.set_result(None)
+            return
+        sync._loop.call_soon_threadsafe(self._submit, fn, calls)
+
+    def _submit(self, fn: TaskRef, calls: list[tuple[Any, ...]]) -> None:  # on the loop thread
+        client = self.sync.client
+        for args in calls:
+            try:
+                handle = client.submit(fn, *args)
+            except Exception as exc:  # a bad reference or an unsendable argument: that call's outcome
+                self.handles.append(exc)
+                self._one_done(None)
+                continue
+            self.handles.append(handle)
+            handle.add_done_callback(self._one_done)
+        self.submitted.set()
+
+    def _one_done(self, _: object) -> None:
+        with self.cond:
+            self.finished += 1
+            self.cond.notify_all()
+        if self.finished == self.total and not self.done.done():
+            self.done.set_result(None)
+
+    def results(self, deadline: float | None) -> Iterator[Any]:
+        try:
+            self.submitted.wait()
+            for item in self.handles:
+                if isinstance(item, BaseException):
+                    raise item
+                if not item.done():
+                    with self.cond:
+                        while not item.done():
+                            left = None if deadline is None else deadline - time.monotonic()
+                            if left is not None and left <= 0:
+                                raise TimeoutError()
+                            self.cond.wait(left)
+                yield item.result()
+        finally:
+            self.cancel()  # closed early, a timeout or an error: the calls not yielded yet are dropped
+
+    def cancel(self) -> None:
+        undone = [h for h in self.handles if isinstance(h, Handle) and not h.done()]
+        if undone:
+            try:
+                self.sync._loop.call_soon_threadsafe(lambda: [h.cancel() for h in undone])
+            except RuntimeError:  # the loop is closed: so is the client, and its tasks with it
+                pass
 
 
 class _LocalSync(SyncClient):

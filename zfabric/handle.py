@@ -97,10 +97,10 @@ class Handle:
     # ---- called by the client -------------------------------------------------------------
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
-        self.state = DONE
-        self.payload = None
         self._value = value
         self._error = error
+        self.payload = None
+        self.state = DONE  # last: a thread that sees DONE (Executor.map) must see the outcome too
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
         if self._callbacks is not None:

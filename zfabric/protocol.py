@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Sequence, get_type_hints, overload
 import msgpack
 
 from .errors import ProtocolError
-from .values import ClassLookup, decode_value, encode_call_parts, encode_value
+from .values import ClassLookup, decode_value, encode_call, encode_value  # (re-exported: the payloads' codec)
 
 VERSION = 2
 
@@ -389,18 +389,13 @@ def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = No
 
 # ---- payloads: the opaque bin values carried inside envelopes ------------------------------
 
-def encode_call(function: str, args: Sequence[Any], kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:
-    """Encode a task call: ``[function, args, kwargs, options]`` (values with their types: `values`)."""
-    return encode_call_parts(function, args, kwargs, options)
-
-
 def decode_call(payload: Any, lookup: ClassLookup | None = None) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
     """Decode and validate a task call; raises ProtocolError saying what is wrong. ``lookup``: the classes
     of enums and dataclasses the arguments may hold (a worker's app modules)."""
     call = decode_value(payload, lookup)
     if (type(call) is not list or len(call) != 4 or type(call[0]) is not str
             or type(call[1]) is not list or type(call[2]) is not dict or type(call[3]) is not dict
-            or not all(type(key) is str for key in call[2])):
+            or (call[2] and not all(type(key) is str for key in call[2]))):
         raise ProtocolError("task payload is not [function, args, kwargs with str keys, options]")
     return call[0], call[1], call[2], call[3]
 

@@ -19,7 +19,7 @@ import zmq
 from . import transport
 from .config import WorkerConfig
 from .execution import MAX_RESULT_BYTES, oversize_error
-from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, Result, Status, attach, encode
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_TASKS, PAYLOAD_FRAME_BYTES, Result, Status, attach, encode
 from .security import Curve
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class ResultRouter:
         size = len(data) + ENTRY_OVERHEAD
         if out.results and out.size + size > MAX_RESULT_BYTES:
             self._send(out)  # this one starts the next frame
-        out.results += (task_id, status, attach(data, out.frames))
+        out.results += (task_id, status, data if size < PAYLOAD_FRAME_BYTES else attach(data, out.frames))
         out.size += size
         if out.size > MAX_BATCH_BYTES or len(out.results) >= 3 * MAX_BATCH_TASKS:
             self._send(out)

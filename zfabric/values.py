@@ -104,22 +104,31 @@ def _mark(value: Any) -> Any:
     return msgpack.ExtType(BYTEARRAY, bytes(value)) if type(value) is bytearray else value
 
 
-def encode_call_parts(function: str, args: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:
-    """Encode ``[function, args, kwargs, options]``, each argument with its type."""
-    return encode_value([function, [_mark(a) for a in args],
-                         {k: _mark(v) for k, v in kwargs.items()} if kwargs else kwargs, options])
+def encode_call(function: str, args: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:
+    """Encode a task call ``[function, args, kwargs, options]``, each argument with its type (hot: one call
+    per task, so it packs itself rather than through `encode_value`)."""
+    args = [_mark(a) for a in args] if bytearray in map(type, args) else list(args)
+    if kwargs and bytearray in map(type, kwargs.values()):
+        kwargs = {k: _mark(v) for k, v in kwargs.items()}
+    try:
+        return _packer().pack([function, args, kwargs, options])
+    except Exception as exc:
+        raise _unsendable(exc) from None
 
 
 def encode_value(value: Any) -> bytes:
     """Encode one value; raises `UnsendableValue` naming the first type outside the table."""
     try:
         return _packer().pack(_mark(value))
-    except UnsendableValue:
-        _local.__dict__.pop("packer", None)  # a Packer that raised mid-value may hold a partial buffer
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        _local.__dict__.pop("packer", None)
-        raise UnsendableValue(str(exc)) from None
+    except Exception as exc:
+        raise _unsendable(exc) from None
+
+
+def _unsendable(exc: Exception) -> Exception:
+    _local.__dict__.pop("packer", None)  # a Packer that raised mid-value may hold a partial buffer
+    if isinstance(exc, UnsendableValue) or not isinstance(exc, (TypeError, ValueError, OverflowError)):
+        return exc
+    return UnsendableValue(str(exc))
 
 
 def _pack(value: Any) -> bytes:
@@ -328,7 +337,7 @@ def _decode_array(data: bytes, decoder: _Decoder) -> Any:
     return array[()] if scalar else array.copy()  # writable, and not holding the whole message
 
 
-_small: dict[Any, _Decoder] = {}
+_small_hooks: dict[Any, Callable[[int, bytes], Any]] = {}
 
 
 def decode_value(data: Any, lookup: ClassLookup | None = imported_classes) -> Any:
@@ -337,12 +346,12 @@ def decode_value(data: Any, lookup: ClassLookup | None = imported_classes) -> An
     try:
         if len(data) > SMALL_PAYLOAD:
             return _Decoder(lookup, counting=True).unpack(data)
-        decoder = _small.get(lookup)
-        if decoder is None:
-            decoder = _small[lookup] = _Decoder(lookup, counting=False)
-            if len(_small) > 64:
-                _small.clear()
-        return decoder.unpack(data)
+        ext = _small_hooks.get(lookup)  # the hot path: one call into msgpack, nothing per container
+        if ext is None:
+            if len(_small_hooks) > 64:
+                _small_hooks.clear()
+            ext = _small_hooks[lookup] = _Decoder(lookup, counting=False).ext
+        return msgpack.unpackb(data, strict_map_key=False, ext_hook=ext)
     except Exception as exc:  # msgpack and the hooks raise many types on bad input
         text = str(exc)
         raise ProtocolError(f"undecodable value ({type(exc).__name__}: "

@@ -239,12 +239,13 @@ class Worker(Service):
         except ProtocolError as exc:
             self._complete(task_id, run, sink, Status.REJECTED, encode_error("BadTask", str(exc)), failed=True)
             return
-        if isolate or options.get("timeout_s") is not None and not self.registry.is_async(fn):
+        is_async = self.registry.is_async(fn)
+        if isolate or (not is_async and options and options.get("timeout_s") is not None):
             # a suspect (it was on dying workers: if it kills a process, let that be only a child), or a
             # sync task with a timeout (killed if it overruns)
             self._runners[task_id] = self._loop.create_task(
                 self._run_isolated(task_id, run, sink, tries, payload, options))
-        elif self.registry.is_async(fn):
+        elif is_async:
             self._runners[task_id] = self._loop.create_task(
                 self._run_async(task_id, run, sink, tries, fn, args, kwargs, options))
         elif self.config.threads == 0 or self._inline.may_inline(fn):
@@ -324,23 +325,21 @@ class Worker(Service):
     def _complete(self, task_id: int, run: int, sink: str, status: int, data: bytes, failed: bool = False) -> None:
         """Finish this run of a task, once: its result to its sink, its slot back in the next DONE."""
         state = self.state
-        if not state.is_current(task_id, run):
+        if not state.finish(task_id, run, failed):
             return  # finished already (cancelled, handed back at drain): a late outcome changes nothing
-        self._forget_runner(task_id)
+        if self._runners:
+            self._runners.pop(task_id, None)
         if not self._results.add(sink, task_id, status, data):
             self._dropped(1)  # an unusable sink address: the result is lost, but never the slot
-            failed = True
-        state.finish(task_id, run, failed)
-        self._schedule_flush()
+            if not failed:
+                state.result_lost()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def _retry(self, task_id: int, run: int, delay: float) -> None:
         if self.state.retry(task_id, run, delay):
-            self._forget_runner(task_id)
+            self._runners.pop(task_id, None)
             self._schedule_flush()
-
-    def _forget_runner(self, task_id: int) -> None:
-        if self._runners and task_id in self._runners:
-            del self._runners[task_id]
 
     def _dropped(self, n: int) -> None:
         self.results_dropped += n

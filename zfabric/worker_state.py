@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from .protocol import MAX_BATCH_TASKS, Buffer, payload_of
 
@@ -85,19 +85,11 @@ class Malformed:
 Command = SendHello | SendDone | SendDrain | SendBye | Interrupt | Malformed
 
 
-class Start(NamedTuple):
-    """Run this task (run number ``run``): one per new task a DISPATCH brings. A tuple: it is per task."""
-    task_id: int
-    run: int
-    sink: str
-    tries: int
-    payload: Buffer
-    isolate: bool
-
-
-class Running(NamedTuple):
-    sink: str
-    run: int
+Start = tuple[int, int, str, int, Buffer, bool]
+"""Run this task: (task id, run number, sink, tries, payload, isolate), one per new task a DISPATCH brings.
+A plain tuple: it is made per task, and a NamedTuple costs a Python-level call each."""
+Running = tuple[int, str]
+"""(run number, sink) of a task running here."""
 
 
 class WorkerState:
@@ -224,8 +216,8 @@ class WorkerState:
                     continue
                 run = self.next_run
                 self.next_run = run + 1
-                running[task_id] = Running(sink, run)
-                starts.append(Start(task_id, run, sink, tries, payload, isolate))
+                running[task_id] = (run, sink)
+                starts.append((task_id, run, sink, tries, payload, isolate))
         return starts
 
     def on_cancel(self, ids: list[Any]) -> None:
@@ -233,7 +225,7 @@ class WorkerState:
         for task_id in ids:
             entry = self.running.get(task_id) if type(task_id) is int else None
             if entry is not None:
-                self.commands.append(Interrupt(task_id, entry.run))
+                self.commands.append(Interrupt(task_id, entry[0]))
 
     def tick(self, now: float) -> None:
         """Time passes: a scheduler silent past its timeout gets a new HELLO."""
@@ -247,15 +239,17 @@ class WorkerState:
     def is_current(self, task_id: int, run: int) -> bool:
         """Whether ``run`` is the live run of ``task_id`` (an outcome of any other changes nothing)."""
         entry = self.running.get(task_id)
-        return entry is not None and entry.run == run
+        return entry is not None and entry[0] == run
 
     def sink_of(self, task_id: int) -> str | None:
         entry = self.running.get(task_id)
-        return None if entry is None else entry.sink
+        return None if entry is None else entry[1]
 
     def finish(self, task_id: int, run: int, failed: bool) -> bool:
-        """A run ended with a result (sent to its sink by the driver); its slot goes back in the next DONE."""
-        if not self.is_current(task_id, run):
+        """A run ended with a result (the driver sends it to its sink if this says True); its slot goes back
+        in the next DONE."""
+        entry = self.running.get(task_id)
+        if entry is None or entry[0] != run:
             return False
         del self.running[task_id]
         self.finished.append(task_id)
@@ -266,6 +260,12 @@ class WorkerState:
         else:
             self.counts["done"] += 1
         return True
+
+    def result_lost(self) -> None:
+        """The result of a task just finished as a success could not be sent (an unusable sink): it failed."""
+        self.n_failed += 1
+        self.counts["done"] -= 1
+        self.counts["failed"] += 1
 
     def retry(self, task_id: int, run: int, delay_s: float) -> bool:
         """A run failed with an error its task retries on: the scheduler runs it again after ``delay_s``."""
@@ -327,6 +327,6 @@ class WorkerState:
         assert self.credit >= len(self.finished) + len(self.retries) // 2
         assert 0 <= self.n_failed <= len(self.finished)
         assert len(self.retries) % 2 == 0
-        runs = [entry.run for entry in self.running.values()]
+        runs = [entry[0] for entry in self.running.values()]
         assert len(set(runs)) == len(runs) and all(0 < r < self.next_run for r in runs)
         assert self.dispatch_seq >= 0 and self.done_seq >= 0
