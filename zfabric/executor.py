@@ -115,7 +115,8 @@ class _Batch:
     def __init__(self, sync: SyncClient, fn: TaskRef, calls: list[tuple[Any, ...]]) -> None:
         self.sync = sync
         self.handles: list[Handle | BaseException] = []
-        self.finished = 0
+        self.finished = 0  # counted on the loop thread only
+        self.waiting: Handle | None = None  # the handle the caller's thread waits for (it alone is notified)
         self.cond = threading.Condition()
         self.submitted = threading.Event()
         self.done: concurrent.futures.Future[None] = concurrent.futures.Future()  # all finished (for shutdown)
@@ -140,10 +141,13 @@ class _Batch:
             handle.add_done_callback(self._one_done)
         self.submitted.set()
 
-    def _one_done(self, _: object) -> None:
-        with self.cond:
-            self.finished += 1
-            self.cond.notify_all()
+    def _one_done(self, handle: object) -> None:
+        # A handle is DONE before its callbacks run, and the waiter re-checks after naming its handle under
+        # the lock: a wake-up is needed only for the handle it names, not for each of thousands.
+        self.finished += 1
+        if handle is self.waiting:
+            with self.cond:
+                self.cond.notify_all()
         if self.finished == self.total and not self.done.done():
             self.done.set_result(None)
 
@@ -155,6 +159,7 @@ class _Batch:
                     raise item
                 if not item.done():
                     with self.cond:
+                        self.waiting = item
                         while not item.done():
                             left = None if deadline is None else deadline - time.monotonic()
                             if left is not None and left <= 0:
