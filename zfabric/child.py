@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m zfabric.child")
     parser.add_argument("--app", action="append", default=[])
     registry = Registry(parser.parse_args().app)
-    classes = classes_of(registry.modules)
+    classes = classes_of(registry.module)
     die_with_parent()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:

@@ -230,7 +230,7 @@ class Client(Submitter, Service):
         except TypeError:  # unhashable
             name = None
         if name is None:
-            name = function_name(fn)
+            name = function_name(fn, self.config.main_functions)
             try:
                 self._names[fn] = name
             except TypeError:

@@ -157,3 +157,5 @@ class ClientConfig:
     the scheduler accepted its task."""
     timing: Timing = field(default_factory=Timing)
     curve: CurveConfig | None = None
+    main_functions: bool = False
+    """The workers loaded this process's script (`zfabric.local` sets it): its functions may be submitted."""

@@ -60,7 +60,8 @@ class TaskError(FabricError):
 
 def remote_type_name(cls: type) -> str:
     """How a worker names an exception's class: bare for builtins, else ``module.QualName``."""
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    module = "__main__" if cls.__module__ == "__mp_main__" else cls.__module__  # a caller's script, in a worker
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 _TYPED: dict[type, type] = {}

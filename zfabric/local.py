@@ -18,6 +18,7 @@ import tempfile
 from typing import Any, Iterable
 
 from .client import Client
+from .registry import LOADING_MAIN, main_script
 from .config import CurveConfig
 from .supervisor import Supervisor
 
@@ -25,14 +26,26 @@ from .supervisor import Supervisor
 class local:  # noqa: N801 - used like a function: `async with zfabric.local(...) as client`
     """Start a scheduler and `workers` worker processes here and yield a connected `Client`.
 
-    ``app`` lists the modules the workers may run functions from. Other
-    keyword arguments are client options (`ClientConfig`).
+    ``app`` lists the modules the workers may run functions from; the script
+    this process runs (``python script.py``) is one too, so functions defined
+    in it can be submitted (the workers import it as multiprocessing's spawn
+    does: keep the code that starts the fabric under
+    ``if __name__ == "__main__":``). Other keyword arguments are client
+    options (`ClientConfig`).
     """
 
     def __init__(self, workers: int = 2, app: Iterable[str] | str = (), *, concurrency: int | None = None,
                  threads: int | None = None, port: int | None = None, host: str | None = None,
                  log_level: str = "warning", curve: CurveConfig | None = None, **client_options: Any) -> None:
+        if os.environ.get(LOADING_MAIN):
+            raise RuntimeError(
+                "zfabric.local was started while a worker imported your script: start fabrics only under "
+                "`if __name__ == \"__main__\":` (the workers import the script to find its functions)")
         apps = [app] if isinstance(app, str) else list(app)
+        script = main_script()
+        if script is not None and script not in apps:
+            apps.append(script)
+            client_options.setdefault("main_functions", True)
         worker_args = [arg for name in apps for arg in ("--app", name)]
         if concurrency is not None:
             worker_args += ["--concurrency", str(concurrency)]

@@ -4,16 +4,29 @@ The rule it keeps: a name resolves only to a callable DEFINED in one of the
 modules the worker was started with (``--app``) or registered explicitly.
 A name imported into an app module from elsewhere (``from os import system``)
 does not resolve, and nothing is ever imported because a task asked for it.
+
+An ``--app`` ending in ``.py`` is the script that started a local fabric:
+it is imported as ``__mp_main__`` (its ``if __name__ == "__main__":`` block
+does not run, as with multiprocessing's spawn) and answers to the caller's
+name for it, ``__main__``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
 import re
+import sys
 from typing import Any, Callable, Iterable
 
 from .errors import ConfigError
+
+MAIN_ALIAS = "__mp_main__"
+"""The module name a caller's script is loaded under in a worker (the caller knows it as ``__main__``)."""
+LOADING_MAIN = "ZFABRIC_LOADING_MAIN"
+"""Set while a worker imports a caller's script: a fabric started at its top level would start fabrics for ever."""
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z][A-Za-z0-9_]*$")
 
@@ -22,8 +35,9 @@ class NotAllowed(LookupError):
     """The function is not one this worker runs."""
 
 
-def function_name(fn: Any) -> str:
-    """The ``module:name`` reference of a function object, or a clear error."""
+def function_name(fn: Any, main_allowed: bool = False) -> str:
+    """The ``module:name`` reference of a function object, or a clear error. A function of the script that
+    started a local fabric (``__main__``) is allowed where its workers load that script (``main_allowed``)."""
     if isinstance(fn, str):
         if not _NAME.match(fn):
             raise ConfigError(f"bad function reference {fn!r}: expected 'package.module:function'")
@@ -32,11 +46,22 @@ def function_name(fn: Any) -> str:
     qualname = getattr(fn, "__qualname__", None)
     if not callable(fn) or not module or not qualname:
         raise ConfigError(f"{fn!r} is not a function; pass a function or a 'module:function' string")
-    if module == "__main__" or "<" in qualname or "." in qualname:
+    if (module == "__main__" and not main_allowed) or "<" in qualname or "." in qualname:
         raise ConfigError(
             f"{qualname} (module {module}) cannot be found by a worker: define it at the top level of an "
-            "importable module and start workers with --app that module")
+            "importable module and start workers with --app that module (functions of the script that "
+            "starts zfabric.local or zfabric.Executor(workers=...) work too)")
     return f"{module}:{qualname}"
+
+
+def main_script() -> str | None:
+    """The path of the script this process runs (``python script.py``), which local workers load so that its
+    functions can be submitted; None when there is none (``python -m``, a console script, a REPL)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or getattr(main, "__spec__", None) is not None or not path or not path.endswith(".py"):
+        return None
+    return os.path.abspath(path)
 
 
 class Registry:
@@ -54,10 +79,34 @@ class Registry:
         return list(self._modules)
 
     def add_module(self, name: str) -> None:
+        if name.endswith(".py"):
+            self._modules["__main__"] = self._load_script(name)
+            return
         try:
             self._modules[name] = importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(f"cannot import app module {name!r}: {exc}. Is it on PYTHONPATH?") from exc
+
+    @staticmethod
+    def _load_script(path: str) -> Any:
+        spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
+        if spec is None or spec.loader is None or not os.path.isfile(path):
+            raise ConfigError(f"cannot load the script {path!r}: no such file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[MAIN_ALIAS] = module
+        sys.path.insert(0, os.path.dirname(path))  # its own imports resolve as they did for the caller
+        os.environ[LOADING_MAIN] = "1"
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ConfigError(f"loading the script {path!r} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            del os.environ[LOADING_MAIN]
+        return module
+
+    def module(self, name: str) -> Any:
+        """The app module a task or value names (``__main__``: the loaded script), or None."""
+        return self._modules.get(name)
 
     def register(self, fn: Callable[..., Any], name: str | None = None) -> str:
         """Allow one function under `name` (default: its own ``module:name``)."""
@@ -78,7 +127,7 @@ class Registry:
                 f"{name} is not allowed: module {module_name!r} is not one this worker was started with "
                 f"(--app {' --app '.join(self._modules) or 'none'})")
         fn = getattr(module, attr, None)
-        if fn is None or not callable(fn) or getattr(fn, "__module__", None) != module_name:
+        if fn is None or not callable(fn) or getattr(fn, "__module__", None) != module.__name__:
             raise NotAllowed(f"{name} is not a function defined in {module_name}")
         self._functions[name] = fn
         return fn

@@ -66,12 +66,21 @@ def imported_classes(module: str, qualname: str) -> type | None:
 
 
 def classes_of(modules: Any) -> ClassLookup:
-    """A `ClassLookup` for workers: classes of these modules only (as imported here already)."""
+    """A `ClassLookup` for workers: classes of these modules only (as imported here already), or of the
+    modules a ``module(name) -> module or None`` callable (a worker's `Registry.module`) gives."""
+    if callable(modules):
+        return lambda module, qualname: _find(modules(module), qualname)
     allowed = frozenset(modules)
 
     def lookup(module: str, qualname: str) -> type | None:
         return _find(sys.modules.get(module), qualname) if module in allowed else None
     return lookup
+
+
+def _module_name(cls: type) -> str:
+    """A class's module as its peers know it: a caller's script, loaded in a worker as ``__mp_main__``, is
+    ``__main__`` to the caller."""
+    return "__main__" if cls.__module__ == "__mp_main__" else cls.__module__
 
 
 def _find(obj: Any, qualname: str) -> type | None:
@@ -166,10 +175,10 @@ def _default(obj: Any) -> msgpack.ExtType:
                                             ("PureWindowsPath" if isinstance(obj, pathlib.PureWindowsPath)
                                              else "PurePosixPath"), str(obj)]))
     if isinstance(obj, enum.Enum):
-        return msgpack.ExtType(ENUM, _pack([cls.__module__, cls.__qualname__, obj.name]))
+        return msgpack.ExtType(ENUM, _pack([_module_name(cls), cls.__qualname__, obj.name]))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = [f.name for f in dataclasses.fields(obj)]
-        return msgpack.ExtType(DATACLASS, _pack([cls.__module__, cls.__qualname__, fields,
+        return msgpack.ExtType(DATACLASS, _pack([_module_name(cls), cls.__qualname__, fields,
                                                  [getattr(obj, name) for name in fields]]))
     if cls.__module__ == "numpy":
         if cls.__name__ == "ndarray":

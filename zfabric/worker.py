@@ -88,7 +88,7 @@ class Worker(Service):
         self._handling = False
         self._inline = InlinePolicy()
         self._isolated: ChildPool | None = None
-        self._classes = classes_of(self.registry.modules)  # the enums and dataclasses arguments may hold
+        self._classes = classes_of(self.registry.module)  # the enums and dataclasses arguments may hold
 
     @property
     def counts(self) -> dict[str, int]:
