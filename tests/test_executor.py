@@ -298,3 +298,8 @@ def test_attached_executor_leaves_the_fabric_running(own_fabric: Callable[..., F
     assert fabric.proc.poll() is None and all(p.is_running() for p in fabric.tree())
     with zfabric.Executor(address=fabric.address) as again:  # the fabric still serves
         assert again.submit(inc, 1).result(30) == 2
+
+
+def test_map_with_progress(ex: zfabric.Executor, capsys: pytest.CaptureFixture[str]) -> None:
+    assert list(ex.map(inc, range(500), progress=True)) == list(range(1, 501))
+    assert "500/500" in capsys.readouterr().err

@@ -239,3 +239,12 @@ async def test_sync_task_timeout_stops_the_work(fabric: Fabric, tmp_path) -> Non
         # the overrunning call really stopped: it never reaches the end of its sleep
         await asyncio.sleep(3.0)  # sync-ok: the killed task would have finished by now
         assert not marker.exists()
+
+
+async def test_map_with_progress_draws_a_line_that_ends_at_the_total(fabric: Fabric,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    async with zfabric.Client(fabric.address) as client:
+        assert await client.map(demo_tasks.inc, range(3000), progress=True) == list(range(1, 3001))
+        assert await client.map(demo_tasks.inc, range(10)) == list(range(1, 11))
+    err = capsys.readouterr().err
+    assert "3,000/3,000" in err and "100%" in err and err.count("\n") == 1  # one bar, for the map that asked

@@ -15,13 +15,14 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Iterator
+from typing import Any, Generator, Iterable, Iterator
 
 from .client import Client
 from .config import ClientConfig
 from .errors import ConfigError
 from .handle import Handle
 from .local import local
+from .progress import Progress
 from .submitter import TaskRef
 from .syncclient import SyncClient
 
@@ -76,12 +77,13 @@ class Executor(concurrent.futures.Executor):
         return future
 
     def map(self, fn: TaskRef, *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
         """Results in input order, as `concurrent.futures.Executor.map`: every call is submitted now, the
         deadline counts from this call, the first exception is raised where its result would be, and the
         calls not yet yielded are cancelled if the iterator is closed early. `chunksize` is accepted for
         compatibility: the fabric already batches calls on the wire. No Future is made per call (they cost
-        more than the task): one `_Batch` waits for the handles in order."""
+        more than the task): one `_Batch` waits for the handles in order. ``progress=True`` shows a bar on
+        stderr as results are taken (tqdm where installed, a plain line otherwise)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -91,7 +93,8 @@ class Executor(concurrent.futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             batch = _Batch(self._running.sync, fn, calls)
             self._running.track(batch.done)
-        return batch.results(deadline)
+        results = batch.results(deadline)
+        return _with_progress(results, len(calls), fn) if progress else results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new calls; unfinished ones run to the end (or are cancelled, queued or running, with
@@ -107,6 +110,17 @@ class Executor(concurrent.futures.Executor):
                 threading.Thread(target=self._running.close, name="zfabric-executor-shutdown").start()
         elif wait:
             self._running.closed.wait()
+
+
+def _with_progress(results: Generator[Any, None, None], total: int, fn: TaskRef) -> Iterator[Any]:
+    bar = Progress(total, f"map {fn if isinstance(fn, str) else getattr(fn, '__qualname__', fn)}")
+    try:
+        for value in results:
+            bar.update()
+            yield value
+    finally:
+        bar.close()
+        results.close()  # (cancels what was not taken, if the caller stopped early)
 
 
 class _Batch:
@@ -151,7 +165,7 @@ class _Batch:
         if self.finished == self.total and not self.done.done():
             self.done.set_result(None)
 
-    def results(self, deadline: float | None) -> Iterator[Any]:
+    def results(self, deadline: float | None) -> Generator[Any, None, None]:
         try:
             self.submitted.wait()
             for item in self.handles:

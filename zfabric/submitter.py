@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Protoc
 from .errors import ConfigError
 from .execution import check_options
 from .handle import Handle
+from .progress import Progress
 
 if TYPE_CHECKING:
     from .config import ClientConfig
@@ -60,13 +61,25 @@ class Submitter:
         await self._client._wait_for_room()
         return self.submit(fn, *args, **kwargs)
 
-    async def map(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None) -> list[Any]:
-        return [value async for value in self.imap(fn, *iterables, window=window)]
+    async def map(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None,
+                  progress: bool = False) -> list[Any]:
+        return [value async for value in self.imap(fn, *iterables, window=window, progress=progress)]
 
-    async def imap(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None) -> AsyncIterator[Any]:
-        """Results in input order, keeping at most `window` tasks outstanding (the iterable may be lazy)."""
+    async def imap(self, fn: TaskRef, *iterables: Iterable[Any], window: int | None = None,
+                   progress: bool = False) -> AsyncIterator[Any]:
+        """Results in input order, keeping at most `window` tasks outstanding (the iterable may be lazy);
+        ``progress=True`` shows a bar on stderr (tqdm where installed, a plain line otherwise)."""
         window = window or self._client.config.window
         name = self._client._name(fn)
+        if progress:
+            bar = Progress(_length(iterables), f"map {name}")
+            try:
+                async for value in self.imap(fn, *iterables, window=window):
+                    bar.update()
+                    yield value
+            finally:
+                bar.close()
+            return
         pending: deque[Handle] = deque()
         items = iter(zip(*iterables)) if len(iterables) != 1 else ((x,) for x in iterables[0])
         submit = self._client._submit
@@ -80,3 +93,11 @@ class Submitter:
         finally:
             for handle in pending:
                 handle.cancel()
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls a map of these makes, if they all know their length (zip stops at the shortest)."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a lazy iterable, or none at all
+        return None

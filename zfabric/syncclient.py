@@ -77,10 +77,11 @@ class SyncClient:
         except RuntimeError:  # the loop is closed: the client is gone, and with it the task
             pass
 
-    def map(self, fn: TaskRef, *iterables: Iterable[Any], timeout: float | None = None, **options: Any) -> list[Any]:
-        """Results in input order (options as in `Client.options`)."""
+    def map(self, fn: TaskRef, *iterables: Iterable[Any], timeout: float | None = None, progress: bool = False,
+            **options: Any) -> list[Any]:
+        """Results in input order (options as in `Client.options`; ``progress=True`` shows a bar)."""
         submitter = self._client.options(**options) if options else self._client
-        return self._call(submitter.map(fn, *iterables), timeout)
+        return self._call(submitter.map(fn, *iterables, progress=progress), timeout)
 
     def status(self) -> dict[str, Any]:
         return self._call(self._client.status(), None)
