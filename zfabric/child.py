@@ -22,7 +22,9 @@ _LEN = struct.Struct("!I")
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m zfabric.child")
     parser.add_argument("--app", action="append", default=[])
-    registry = Registry(parser.parse_args().app)
+    parser.add_argument("--accept-pickle", action="store_true")
+    parsed = parser.parse_args()
+    registry = Registry(parsed.app)
     classes = classes_of(registry.module)
     die_with_parent()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -32,7 +34,7 @@ def main() -> None:
             return
         payload, tries = msgpack.unpackb(stdin.read(_LEN.unpack(header)[0]), raw=False)
         try:
-            name, args, kwargs, options = decode_call(payload, classes)
+            name, args, kwargs, options = decode_call(payload, classes, parsed.accept_pickle)
             fn = registry.resolve(name)
             if registry.is_async(fn):
                 coroutine_fn = fn

@@ -94,10 +94,11 @@ def main(ctx: click.Context, log_level: str) -> None:
               help="Threads per worker for sync functions (0 runs them on the event loop).")
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False), default=None,
               help="CURVE keys directory for the scheduler and workers (see `zfabric keys`).")
+@click.option("--accept-pickle", is_flag=True, help="Run tasks whose arguments a client pickled (serializer='pickle'): only on fabrics that trust every client.")
 @log_level_option
 @click.pass_context
 def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None, bind: str, concurrency: int,
-       threads: int, curve_dir: str | None) -> None:
+       threads: int, curve_dir: str | None, accept_pickle: bool) -> None:
     """Run a scheduler and N workers in the foreground until Ctrl-C / SIGTERM."""
     from .supervisor import Supervisor
 
@@ -109,6 +110,8 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
         address = f"tcp://{bind}:{7100 if port is None else port}"
     worker_args = [a for m in app for a in ("--app", m)] + ["--concurrency", str(concurrency),
                                                           "--threads", str(threads)]
+    if accept_pickle:
+        worker_args.append("--accept-pickle")
     level = ctx.obj["log_level"]
     curve_args = ["--curve", curve_dir] if curve_dir else []
 
@@ -176,11 +179,12 @@ def scheduler(bind: str, max_deaths: int, curve_dir: str | None, curve_name: str
 @click.option("--name", default="", help="Worker name shown by status (default host-pid).")
 @click.option("--grace-s", type=float, default=WorkerConfig.grace_s, show_default=True,
               help="On SIGTERM, how long running tasks may finish before they are handed back.")
+@click.option("--accept-pickle", is_flag=True, help="Run tasks whose arguments a client pickled (serializer='pickle'): only on fabrics that trust every client.")
 @timing_options
 @curve_option
 @log_level_option
 def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, timeout_procs: int, name: str,
-           grace_s: float, curve_dir: str | None, curve_name: str, **timing: Any) -> None:
+           grace_s: float, accept_pickle: bool, curve_dir: str | None, curve_name: str, **timing: Any) -> None:
     """Run a worker that joins the scheduler at ADDRESS."""
     from .runtime import announce_ready, run_until_signalled
     from .worker import Worker
@@ -190,7 +194,7 @@ def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, t
     try:
         w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads,
                                 timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing),
-                                curve=_curve(curve_dir, curve_name)))
+                                curve=_curve(curve_dir, curve_name), accept_pickle=accept_pickle))
     except FabricError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -24,7 +24,7 @@ from . import transport
 from .config import ClientConfig, FabricAddress, local_ip_towards
 from .client_state import (ENVELOPE_HEADROOM, MAX_CALL_BYTES, ClientState, SayHello, SendAudit, SendCancel,
                            SendSubmit)
-from .errors import FabricUnreachable, SubmitError
+from .errors import ConfigError, FabricUnreachable, SubmitError
 from .handle import Handle
 from .protocol import (MAX_BATCH_TASKS, MAX_FRAME_BYTES, Audit, Cancel, ClientBye, ClientHello, Kind, StatusRequest,
                        Submit, describe_unencodable, encode, encode_call)
@@ -56,6 +56,9 @@ class Client(Submitter, Service):
         else:
             config = ClientConfig(**options) if address is None else ClientConfig(address=address, **options)
         FabricAddress.parse(config.address)
+        if config.serializer not in ("msgpack", "pickle"):
+            raise ConfigError(f"serializer must be 'msgpack' or 'pickle', got {config.serializer!r}")
+        self._pickle = config.serializer == "pickle"
         Submitter.__init__(self, self)
         Service.__init__(self)
         self.config = config
@@ -242,8 +245,11 @@ class Client(Submitter, Service):
         if not self._started:
             raise FabricUnreachable("the client is not started; use `async with zfabric.Client(...)`")
         name = self._name(fn)
+        pickled = self._pickle or options.get("serializer") == "pickle"
+        if pickled and "serializer" not in options:
+            options = {**options, "serializer": "pickle"}
         try:
-            payload = encode_call(name, args, kwargs, options)
+            payload = encode_call(name, args, kwargs, options, pickled)
         except Exception:
             raise SubmitError(f"cannot submit {name}: {describe_unencodable(args, kwargs)}") from None
         if len(payload) > MAX_CALL_BYTES:

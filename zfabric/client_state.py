@@ -162,6 +162,7 @@ class ClientState:
         """A RESULT batch ``[id, status, data, ...]`` (with its payload frames): each unfinished handle
         named is resolved once."""
         handles = self.handles
+        accept_pickle = self.config.serializer == "pickle"  # results of pickled calls come back pickled
         for i in range(0, len(flat) - 2, 3):
             status = flat[i + 1]
             if status == _CANCELLED and type(status) is int:
@@ -178,7 +179,7 @@ class ClientState:
                 data = payload_of(data, frames)
             if type(status) is not int or data is None:
                 data, status = b"", -1
-            handle._resolve(status, data)
+            handle._resolve(status, data, accept_pickle)
 
     def _on_cancelled(self, task_id: Any) -> None:
         """A CANCELLED result. A handle the caller cancelled is resolved and forgotten at once, so one still

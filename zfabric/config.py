@@ -132,6 +132,9 @@ class WorkerConfig:
     audit finds the tasks and submits them again)."""
     timing: Timing = field(default_factory=Timing)
     curve: CurveConfig | None = None
+    accept_pickle: bool = False
+    """Run tasks whose arguments a client pickled (``serializer="pickle"``): only on fabrics that trust every
+    client, since unpickling runs code of the sender's choosing."""
 
 
 @dataclass
@@ -157,5 +160,8 @@ class ClientConfig:
     the scheduler accepted its task."""
     timing: Timing = field(default_factory=Timing)
     curve: CurveConfig | None = None
+    serializer: str = "msgpack"
+    """"msgpack" (the value table, no pickle) or "pickle" (any picklable value; workers must be started with
+    --accept-pickle, and results come back pickled too)."""
     main_functions: bool = False
     """The workers loaded this process's script (`zfabric.local` sets it): its functions may be submitted."""

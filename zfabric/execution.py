@@ -21,6 +21,7 @@ OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "retries": int,
     "retry_on": list,
     "backoff_s": (int, float),
+    "serializer": str,
 }
 
 
@@ -39,10 +40,11 @@ def oversize_error(size: int) -> bytes:
                       "large data by reference (a path or URL) instead")
 
 
-def result_entry(value: Any) -> tuple[int, bytes]:
-    """(status, payload) for a returned value; an unsendable or oversize value becomes an error."""
+def result_entry(value: Any, pickled: bool = False) -> tuple[int, bytes]:
+    """(status, payload) for a returned value (pickled for a pickled call); an unsendable or oversize value
+    becomes an error."""
     try:
-        data = encode_value(value)
+        data = encode_value(value, pickled)
     except Exception as exc:
         return Status.ERROR, encode_error(
             "TypeError", _cut(f"the task returned a {type(value).__name__}, which cannot be sent back: {exc}"))
@@ -108,6 +110,8 @@ def check_options(options: dict[str, Any]) -> str | None:
             return f"option {key!r} must be between {bounds[0]:g} and {bounds[1]:g}, got {checked!r}"
         if key == "retry_on" and not all(type(name) is str and len(name) < 200 for name in checked):
             return "option 'retry_on' must be a list of exception class names"
+        if key == "serializer" and checked != "pickle":
+            return "option 'serializer' can only be 'pickle' (the default, msgpack, needs no option)"
     return None
 
 
@@ -121,7 +125,7 @@ def call_sync(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], o
         if delay is not None:
             return Status.ERROR, b"", delay
         return (*error_entry(exc), None)
-    return (*result_entry(value), None)
+    return (*result_entry(value, options.get("serializer") == "pickle"), None)
 
 
 class InlinePolicy:

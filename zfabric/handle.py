@@ -108,10 +108,10 @@ class Handle:
             for fn in callbacks:
                 _call(fn, self)  # one raising callback must not stop the others, or the client's result batch
 
-    def _resolve(self, status: int, data: bytes) -> None:
+    def _resolve(self, status: int, data: bytes, accept_pickle: bool = False) -> None:
         try:
             if status == Status.OK:
-                self._finish(decode_value(data), None)
+                self._finish(decode_value(data, accept_pickle=accept_pickle), None)
                 return
             if status == Status.CANCELLED:
                 self._finish(None, TaskCancelled(f"task {self.id:#x} was cancelled on its worker"))

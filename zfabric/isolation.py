@@ -63,8 +63,9 @@ class _Child:
 class ChildPool:
     """Up to `size` child processes running sync functions from `apps` with a deadline."""
 
-    def __init__(self, apps: tuple[str, ...], size: int) -> None:
+    def __init__(self, apps: tuple[str, ...], size: int, accept_pickle: bool = False) -> None:
         self.apps = apps
+        self.accept_pickle = accept_pickle
         self.size = max(1, size)
         self.killed = 0
         self._idle: list[_Child] = []
@@ -73,6 +74,8 @@ class ChildPool:
 
     async def _spawn(self) -> _Child:
         argv = [sys.executable, "-m", "zfabric.child"] + [a for app in self.apps for a in ("--app", app)]
+        if self.accept_pickle:
+            argv.append("--accept-pickle")
         env = dict(os.environ, ZFABRIC_PARENT_PID=str(os.getpid()))
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE, env=env)

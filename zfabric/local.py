@@ -51,6 +51,8 @@ class local:  # noqa: N801 - used like a function: `async with zfabric.local(...
             worker_args += ["--concurrency", str(concurrency)]
         if threads is not None:
             worker_args += ["--threads", str(threads)]
+        if client_options.get("serializer") == "pickle":  # the owner of a local fabric opts in at both ends
+            worker_args.append("--accept-pickle")
         curve_args = ["--curve", curve.keys_dir] if curve is not None else []
         self._ipc_dir: str | None = None
         if host is None and port is None:

@@ -24,7 +24,8 @@ from typing import Any, NamedTuple, Sequence, get_type_hints, overload
 import msgpack
 
 from .errors import ProtocolError
-from .values import ClassLookup, decode_value, encode_call, encode_value  # (re-exported: the payloads' codec)
+from .values import (ClassLookup, PickledArgs, decode_value, encode_call,  # (re-exported: the payloads' codec)
+                     encode_value)
 
 VERSION = 2
 
@@ -389,10 +390,15 @@ def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = No
 
 # ---- payloads: the opaque bin values carried inside envelopes ------------------------------
 
-def decode_call(payload: Any, lookup: ClassLookup | None = None) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
+def decode_call(payload: Any, lookup: ClassLookup | None = None,
+                accept_pickle: bool = False) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
     """Decode and validate a task call; raises ProtocolError saying what is wrong. ``lookup``: the classes
-    of enums and dataclasses the arguments may hold (a worker's app modules)."""
-    call = decode_value(payload, lookup)
+    of enums and dataclasses the arguments may hold (a worker's app modules); ``accept_pickle``: whether
+    pickled arguments are unpickled (else such a call is refused)."""
+    call = decode_value(payload, lookup, accept_pickle)
+    if type(call) is list and len(call) == 4 and type(call[1]) is list and len(call[1]) == 1 \
+            and type(call[1][0]) is PickledArgs and call[2] == {}:
+        call[1], call[2] = call[1][0].args, call[1][0].kwargs
     if (type(call) is not list or len(call) != 4 or type(call[0]) is not str
             or type(call[1]) is not list or type(call[2]) is not dict or type(call[3]) is not dict
             or (call[2] and not all(type(key) is str for key in call[2]))):

@@ -69,6 +69,7 @@ class Registry:
 
     def __init__(self, modules: Iterable[str] = ()) -> None:
         self._modules: dict[str, Any] = {}
+        self.sources: list[str] = []  # the --app arguments as given (a child process loads the same)
         self._functions: dict[str, Callable[..., Any]] = {}
         self._async: dict[Callable[..., Any], bool] = {}
         for name in modules:
@@ -79,6 +80,7 @@ class Registry:
         return list(self._modules)
 
     def add_module(self, name: str) -> None:
+        self.sources.append(name)
         if name.endswith(".py"):
             self._modules["__main__"] = self._load_script(name)
             return

@@ -27,6 +27,7 @@ import datetime as dt
 import decimal
 import enum
 import pathlib
+import pickle
 import struct
 import sys
 import threading
@@ -44,7 +45,13 @@ PAYLOAD_CONTAINERS = 1_000_000
 """Arrays, maps and extension values one payload may hold in all."""
 
 INT, TUPLE, SET, FROZENSET, COMPLEX, BYTEARRAY, DATETIME, DATE, TIME, TIMEDELTA, DECIMAL, UUID, PATH, ENUM, \
-    DATACLASS, NDARRAY = range(1, 17)
+    DATACLASS, NDARRAY, PICKLED_ARGS, PICKLED = range(1, 19)
+"""Extension codes. PICKLED_ARGS (a call's ``(args, kwargs)``) and PICKLED (a result) are pickle, decoded
+only where both ends opted in: a client's ``serializer="pickle"``, a worker's ``--accept-pickle``."""
+
+NO_PICKLE = ("pickled data refused: this end did not opt in to pickle (a worker: --accept-pickle; a client: "
+             "serializer='pickle'), which is only for fabrics that trust every peer, since unpickling runs "
+             "code of the sender's choosing")
 
 _PATHS: dict[str, type[pathlib.PurePath]] = {
     "PurePosixPath": pathlib.PurePosixPath, "PureWindowsPath": pathlib.PureWindowsPath,
@@ -113,9 +120,23 @@ def _mark(value: Any) -> Any:
     return msgpack.ExtType(BYTEARRAY, bytes(value)) if type(value) is bytearray else value
 
 
-def encode_call(function: str, args: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> bytes:
+class PickledArgs:
+    """A call's arguments that arrived pickled (and were unpickled because this end accepts pickle)."""
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def encode_call(function: str, args: Any, kwargs: dict[str, Any], options: dict[str, Any],
+                pickled: bool = False) -> bytes:
     """Encode a task call ``[function, args, kwargs, options]``, each argument with its type (hot: one call
-    per task, so it packs itself rather than through `encode_value`)."""
+    per task, so it packs itself rather than through `encode_value`); with ``pickled``, the arguments travel
+    as one pickle instead."""
+    if pickled:
+        data = pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        return encode_value([function, [msgpack.ExtType(PICKLED_ARGS, data)], {}, options])
     args = [_mark(a) for a in args] if bytearray in map(type, args) else list(args)
     if kwargs and bytearray in map(type, kwargs.values()):
         kwargs = {k: _mark(v) for k, v in kwargs.items()}
@@ -125,9 +146,12 @@ def encode_call(function: str, args: Any, kwargs: dict[str, Any], options: dict[
         raise _unsendable(exc) from None
 
 
-def encode_value(value: Any) -> bytes:
-    """Encode one value; raises `UnsendableValue` naming the first type outside the table."""
+def encode_value(value: Any, pickled: bool = False) -> bytes:
+    """Encode one value; raises `UnsendableValue` naming the first type outside the table. With ``pickled``,
+    the value travels as a pickle (a result of a pickled call)."""
     try:
+        if pickled:
+            return _packer().pack(msgpack.ExtType(PICKLED, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
         return _packer().pack(_mark(value))
     except Exception as exc:
         raise _unsendable(exc) from None
@@ -214,10 +238,11 @@ SMALL_PAYLOAD = 4096
 class _Decoder:
     """One payload's extension hook and container budget (shared by the values nested in it)."""
 
-    __slots__ = ("lookup", "left", "counting", "depth")
+    __slots__ = ("lookup", "left", "counting", "depth", "accept_pickle")
 
-    def __init__(self, lookup: ClassLookup | None, counting: bool) -> None:
+    def __init__(self, lookup: ClassLookup | None, counting: bool, accept_pickle: bool = False) -> None:
         self.lookup = lookup
+        self.accept_pickle = accept_pickle
         self.left = PAYLOAD_CONTAINERS
         self.counting = counting
         self.depth = 0
@@ -287,6 +312,16 @@ class _Decoder:
             return self._dataclass(*self._list(data, 4))
         if code == NDARRAY:
             return _decode_array(data, self)
+        if code in (PICKLED_ARGS, PICKLED):
+            if not self.accept_pickle:
+                raise ValueError(NO_PICKLE)
+            value = pickle.loads(data)
+            if code == PICKLED:
+                return value
+            if (type(value) is not tuple or len(value) != 2 or type(value[0]) is not tuple
+                    or type(value[1]) is not dict):
+                raise ValueError("pickled arguments are not (args, kwargs)")
+            return PickledArgs(list(value[0]), value[1])
         raise ValueError(f"unknown extension type {code}")
 
     def _list(self, data: bytes, n: int | None = None) -> list[Any]:
@@ -349,10 +384,12 @@ def _decode_array(data: bytes, decoder: _Decoder) -> Any:
 _small_hooks: dict[Any, Callable[[int, bytes], Any]] = {}
 
 
-def decode_value(data: Any, lookup: ClassLookup | None = imported_classes) -> Any:
+def decode_value(data: Any, lookup: ClassLookup | None = imported_classes, accept_pickle: bool = False) -> Any:
     """Decode one value; raises `ProtocolError` saying what was wrong. ``lookup`` decides which enum and
-    dataclass classes may be built (None: none)."""
+    dataclass classes may be built (None: none); pickle is refused unless ``accept_pickle``."""
     try:
+        if accept_pickle:
+            return _Decoder(lookup, counting=len(data) > SMALL_PAYLOAD, accept_pickle=True).unpack(data)
         if len(data) > SMALL_PAYLOAD:
             return _Decoder(lookup, counting=True).unpack(data)
         ext = _small_hooks.get(lookup)  # the hot path: one call into msgpack, nothing per container

@@ -228,7 +228,7 @@ class Worker(Service):
     def _start(self, start: Start) -> None:
         task_id, run, sink, tries, payload, isolate = start
         try:
-            name, args, kwargs, options = decode_call(payload, self._classes)
+            name, args, kwargs, options = decode_call(payload, self._classes, self.config.accept_pickle)
             problem = check_options(options) if options else None
             if problem:
                 raise ProtocolError(problem)
@@ -281,13 +281,14 @@ class Worker(Service):
             else:
                 self._complete(task_id, run, sink, *error_entry(exc), failed=True)
             return
-        self._complete(task_id, run, sink, *result_entry(value))
+        self._complete(task_id, run, sink, *result_entry(value, options.get("serializer") == "pickle"))
 
     async def _run_isolated(self, task_id: int, run: int, sink: str, tries: int, payload: Any,
                             options: dict[str, Any]) -> None:
         """A sync task with a timeout, or a suspect: in a child process (which decodes the call itself)."""
         if self._isolated is None:
-            self._isolated = ChildPool(tuple(self.registry.modules), self.config.timeout_procs)
+            self._isolated = ChildPool(tuple(self.registry.sources), self.config.timeout_procs,
+                                       self.config.accept_pickle)
         try:
             status, data, delay = await self._isolated.run(payload, tries, options.get("timeout_s"))
         except asyncio.CancelledError:
