@@ -43,3 +43,14 @@ def test_a_script_that_starts_a_fabric_unguarded_gets_a_clear_error_not_a_fork_b
 
 def test_no_script_when_run_as_a_module() -> None:
     assert main_script() is None  # pytest runs as `python -m pytest`: its own __main__ is not loaded
+
+
+def test_the_readme_executor_tour_runs_as_written(tmp_path: Path) -> None:
+    readme = (Path(ROOT) / "README.md").read_text()
+    start = readme.index("import concurrent.futures, dataclasses")
+    script = tmp_path / "tour.py"
+    script.write_text(readme[start:readme.index("```", start)])
+    done = _run(script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["('s0', 1.5)", "('s999', 2497.5)"]
+    assert "1,000/1,000 tasks" in done.stderr  # the progress bar
