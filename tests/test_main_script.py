@@ -38,7 +38,7 @@ def test_a_script_that_starts_a_fabric_unguarded_gets_a_clear_error_not_a_fork_b
     script.write_text(SCRIPT.read_text().replace('if __name__ == "__main__":', "if True:"))
     done = _run(script)
     assert done.returncode != 0
-    assert 'start fabrics only under `if __name__ == "__main__":`' in done.stderr
+    assert "under `if __name__ == \"__main__\":`" in done.stderr and "TaskRejected" in done.stderr
 
 
 def test_no_script_when_run_as_a_module() -> None:
@@ -54,3 +54,15 @@ def test_the_readme_executor_tour_runs_as_written(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["('s0', 1.5)", "('s999', 2497.5)"]
     assert "1,000/1,000 tasks" in done.stderr  # the progress bar
+
+
+def test_an_unguarded_script_that_submits_only_app_functions_runs_as_before(tmp_path: Path) -> None:
+    """Workers import the script only when a task names one of its functions."""
+    script = tmp_path / "plain.py"
+    script.write_text("import asyncio, zfabric\nfrom zfabric import demo_tasks\n\n\n"
+                      "async def main():\n"
+                      "    async with zfabric.local(workers=1, app=['zfabric.demo_tasks']) as client:\n"
+                      "        print(await client.submit(demo_tasks.inc, 41))\n\n\n"
+                      "asyncio.run(main())\n")
+    done = _run(script)
+    assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr

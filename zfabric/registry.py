@@ -8,7 +8,9 @@ does not resolve, and nothing is ever imported because a task asked for it.
 An ``--app`` ending in ``.py`` is the script that started a local fabric:
 it is imported as ``__mp_main__`` (its ``if __name__ == "__main__":`` block
 does not run, as with multiprocessing's spawn) and answers to the caller's
-name for it, ``__main__``.
+name for it, ``__main__``. It is imported when a task first names it, so a
+script that never submits its own functions runs as it always did, guard
+or not.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Registry:
 
     def __init__(self, modules: Iterable[str] = ()) -> None:
         self._modules: dict[str, Any] = {}
+        self._script: str | None = None  # the caller's script, until it is imported
+        self._script_error: str | None = None
         self.sources: list[str] = []  # the --app arguments as given (a child process loads the same)
         self._functions: dict[str, Callable[..., Any]] = {}
         self._async: dict[Callable[..., Any], bool] = {}
@@ -82,7 +86,7 @@ class Registry:
     def add_module(self, name: str) -> None:
         self.sources.append(name)
         if name.endswith(".py"):
-            self._modules["__main__"] = self._load_script(name)
+            self._script = name  # imported when a task names __main__ (see `_main_module`)
             return
         try:
             self._modules[name] = importlib.import_module(name)
@@ -101,20 +105,33 @@ class Registry:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise ConfigError(f"loading the script {path!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(f"loading the script {path!r} failed: {type(exc).__name__}: {exc}. Workers import "
+                              "the script to find its functions: keep the code that starts the fabric (and "
+                              "any other work) under `if __name__ == \"__main__\":`") from exc
         finally:
             del os.environ[LOADING_MAIN]
         return module
 
     def module(self, name: str) -> Any:
-        """The app module a task or value names (``__main__``: the loaded script), or None."""
+        """The app module a task or value names (``__main__``: the caller's script), or None."""
+        if name == "__main__":
+            try:
+                return self._main_module()
+            except NotAllowed:
+                return None
         return self._modules.get(name)
 
-    def register(self, fn: Callable[..., Any], name: str | None = None) -> str:
-        """Allow one function under `name` (default: its own ``module:name``)."""
-        key = name or function_name(fn)
-        self._functions[key] = fn
-        return key
+    def _main_module(self) -> Any:
+        """The caller's script, imported on first use (None if there is none); NotAllowed if that failed."""
+        if self._script is not None:
+            script, self._script = self._script, None
+            try:
+                self._modules["__main__"] = self._load_script(script)
+            except ConfigError as exc:
+                self._script_error = str(exc)
+        if self._script_error is not None:
+            raise NotAllowed(self._script_error)
+        return self._modules.get("__main__")
 
     def resolve(self, name: str) -> Callable[..., Any]:
         fn = self._functions.get(name)
@@ -124,6 +141,8 @@ class Registry:
             raise NotAllowed(f"bad function reference {name!r}")
         module_name, attr = name.split(":")
         module = self._modules.get(module_name)
+        if module is None and module_name == "__main__":
+            module = self._main_module()
         if module is None:
             raise NotAllowed(
                 f"{name} is not allowed: module {module_name!r} is not one this worker was started with "

@@ -165,15 +165,30 @@ def _unsendable(exc: Exception) -> Exception:
 
 
 def _pack(value: Any) -> bytes:
-    # A nested value needs its own Packer: the thread's one is in the middle of packing its container.
-    return msgpack.Packer(use_bin_type=True, strict_types=True, default=_default).pack(value)
+    """Pack a value nested in an extension value (a tuple's items, say). The thread's Packer is in the
+    middle of the outer value: each depth has a Packer of its own, kept (making one costs more than most
+    small values)."""
+    nested: list[msgpack.Packer] | None = getattr(_local, "nested", None)
+    if nested is None:
+        nested = _local.nested = []
+    depth = getattr(_local, "depth", 0)
+    if depth == len(nested):
+        nested.append(msgpack.Packer(use_bin_type=True, strict_types=True, default=_default))
+    _local.depth = depth + 1
+    try:
+        return nested[depth].pack(value)
+    except BaseException:
+        del nested[depth:]  # a Packer that raised mid-value may hold a partial buffer
+        raise
+    finally:
+        _local.depth = depth
 
 
 def _default(obj: Any) -> msgpack.ExtType:
     """The extension form of every non-native type of the table (msgpack calls it for nothing else)."""
     cls = type(obj)
     if cls is tuple:
-        return msgpack.ExtType(TUPLE, _pack([_mark(item) for item in obj]))
+        return msgpack.ExtType(TUPLE, _pack([_mark(item) for item in obj] if bytearray in map(type, obj) else list(obj)))
     if cls is int:  # beyond 64 bits (msgpack packs the others itself)
         return msgpack.ExtType(INT, obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True))
     if cls is set or cls is frozenset:
