@@ -1138,9 +1138,9 @@ class RawClient:
                 frames = self.sink.recv_multipart()
                 kind, message = decode(frames if len(frames) > 1 else frames[0])
                 if kind == Kind.RESULT:
-                    flat = message.results
+                    flat, used = message.results, set()
                     for i in range(0, len(flat) - 2, 3):
-                        out[flat[i]] = (flat[i + 1], bytes(payload_of(flat[i + 2], message.frames)))
+                        out[flat[i]] = (flat[i + 1], bytes(payload_of(flat[i + 2], message.frames, used)))
         return out
 
     def close(self) -> None:

@@ -123,10 +123,10 @@ async def test_result_frames_stay_under_the_frame_limit_and_batch_size() -> None
             frames = sink.recv_multipart()
             assert all(len(frame) <= MAX_FRAME_BYTES for frame in frames)
             _, result = decode(frames if len(frames) > 1 else frames[0], expect=[Kind.RESULT])
-            flat = result.results
+            flat, used = result.results, set()
             assert len(flat) <= 3 * MAX_BATCH_TASKS
             for j in range(0, len(flat), 3):
-                got[flat[j]] = (flat[j + 1], len(payload_of(flat[j + 2], result.frames)))
+                got[flat[j]] = (flat[j + 1], len(payload_of(flat[j + 2], result.frames, used)))
         assert {k: n for k, (status, n) in got.items() if k != 9002} == expected
         assert all(status == Status.OK for k, (status, _) in got.items() if k != 9002)
         assert got[9002][0] == Status.ERROR and dropped == []

@@ -143,8 +143,11 @@ def test_decode_matches_message(name: str, message: Message) -> None:
 def test_payload_frames_are_named_by_number() -> None:
     _, submit = decode(_frames(*CASES[2]))
     tasks, frames = submit.tasks, submit.frames
-    assert payload_of(tasks[2], frames) == CALL and payload_of(tasks[5], frames) == BIG_CALL
-    assert payload_of(2, frames) is None and payload_of(0, frames) is None and payload_of("x", frames) is None
+    used: set[int] = set()
+    assert payload_of(tasks[2], frames, used) == CALL and payload_of(tasks[5], frames, used) == BIG_CALL
+    assert payload_of(tasks[5], frames, used) is None  # a frame is one task's: never named twice
+    assert payload_of(2, frames, set()) is None and payload_of(0, frames, set()) is None
+    assert payload_of("x", frames, set()) is None
     with pytest.raises(ProtocolError, match="carries no payload frames"):
         decode([_read("register.bin"), BIG_CALL])
 

@@ -42,7 +42,10 @@ def test_the_scheduler_passes_payload_frames_on_as_they_came() -> None:
     state.submit(CID, SINK, "", [1, 0, 1, 2, 0, small, 3, 0, 2, 4, 0, 3], 0.0, tuple(big))
     state.dispatch()
     entries = _dispatched(state)
-    got = {flat[i]: payload_of(flat[i + 2], frames) for flat, frames in entries for i in range(0, len(flat), 3)}
+    got = {}
+    for flat, frames in entries:
+        used: set[int] = set()
+        got.update({flat[i]: payload_of(flat[i + 2], frames, used) for i in range(0, len(flat), 3)})
     assert got[1] is big[0] and got[3] is big[1] and got[4] is big[2]  # the very objects: no copy was made
     assert got[2] == small
 
@@ -68,6 +71,16 @@ def test_an_entry_naming_a_frame_that_is_not_there_is_malformed() -> None:
     state = SchedulerState(SchedulerConfig(), 7)
     assert state.submit(CID, SINK, "", [1, 0, 2, 2, 0, 0, 3, 0, -1, 4, 0, 1], 0.0, (b"only one",)) == 3
     assert set(state.tasks) == {4}
+
+
+def test_a_frame_named_by_two_entries_is_taken_once() -> None:
+    """One 32 MB frame named by 50,000 entries would have the fabric carry 50,000 copies of it."""
+    state = SchedulerState(SchedulerConfig(), 7)
+    flat: list[Any] = []
+    for task_id in range(1, 1001):
+        flat += (task_id, 0, 1)
+    assert state.submit(CID, SINK, "", flat, 0.0, (zmq.Frame(b"x" * PAYLOAD_FRAME_BYTES),)) == 999
+    assert set(state.tasks) == {1}
 
 
 @pytest.fixture(scope="module")

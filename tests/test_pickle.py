@@ -68,3 +68,9 @@ def test_a_client_that_did_not_opt_in_refuses_a_pickled_result(tmp_path: Path) -
 def test_serializer_must_be_known() -> None:
     with pytest.raises(zfabric.ConfigError, match="serializer"):
         zfabric.Client("tcp://127.0.0.1:1", serializer="json")
+
+
+def test_serializer_is_a_client_setting_not_a_task_option() -> None:
+    client = zfabric.Client("tcp://127.0.0.1:1")
+    with pytest.raises(zfabric.ConfigError, match="setting of the client"):
+        client.options(serializer="pickle")

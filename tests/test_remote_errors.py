@@ -58,3 +58,26 @@ def test_types_this_process_lacks_or_that_are_not_exceptions_give_a_plain_task_e
         error = remote_error(name, "m")
         assert type(error) is zfabric.TaskError, name
     assert "zfabric_no_such_module" not in sys.modules  # nothing is imported on a remote peer's word
+
+
+async def test_a_remote_stop_iteration_is_a_plain_task_error(fabric: Fabric) -> None:
+    """A StopIteration subclass raised through `await` (or a generator) would turn into RuntimeError."""
+    async with zfabric.Client(fabric.address) as client:
+        with pytest.raises(zfabric.TaskError, match="StopIteration") as info:
+            await client.submit(f"{TASKS}:raise_kind", "stop")
+    assert not isinstance(info.value, StopIteration)
+
+
+def test_a_long_dotted_remote_type_name_costs_nothing() -> None:
+    import time
+    started = time.perf_counter()
+    error = remote_error("a." * 40_000 + "b", "m")  # each prefix was a lookup: 14.5 s
+    assert type(error) is zfabric.TaskError and time.perf_counter() - started < 0.1
+
+
+def test_a_remote_type_name_never_makes_a_module_import() -> None:
+    import numpy  # noqa: F401  (its module __getattr__ imports submodules on attribute access)
+    before = set(sys.modules)
+    for name in ("numpy.polynomial.PolyError", "numpy.f2py.Error", "numpy.testing.Error"):
+        remote_error(name, "m")
+    assert set(sys.modules) == before

@@ -211,3 +211,48 @@ async def test_dataclasses_of_modules_outside_the_workers_apps_are_refused(fabri
 def test_floats_keep_their_edge_values() -> None:
     for value in (math.inf, -math.inf, -0.0, 5e-324):
         assert struct.pack("<d", decode_value(encode_value(value))) == struct.pack("<d", value)
+
+
+def test_class_lookup_stays_inside_the_named_module_and_imports_nothing() -> None:
+    outside = _ext(ENUM, msgpack.packb([TASKS, "asyncio.Future", "x"]))  # demo_tasks imports asyncio
+    with pytest.raises(ProtocolError, match="not one this process may build"):
+        decode_value(outside, classes_of([TASKS]))
+    before = set(sys.modules)
+    lazy = _ext(DATACLASS, msgpack.packb(["numpy", "testing.SomeClass", [], []]))  # numpy.__getattr__ imports
+    with pytest.raises(ProtocolError):
+        decode_value(lazy)
+    assert set(sys.modules) == before
+
+
+def test_a_hash_collision_set_is_refused_at_once() -> None:
+    import time
+    from zfabric.values import INT, SET
+    m = 2**61 - 1
+    keys = [msgpack.ExtType(INT, (k * m + 1).to_bytes(16, "big", signed=True)) for k in range(1, 20_001)]
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError, match="distinct hashes"):
+        decode_value(_ext(SET, msgpack.packb(keys)))  # all hash to 1: building it took 6.9 s
+    assert time.perf_counter() - started < 1.0
+    assert len(decode_value(encode_value(set(range(50_000))))) == 50_000
+
+
+def test_threads_decoding_nested_values_do_not_share_a_depth() -> None:
+    import threading
+    nested: Any = ()
+    for _ in range(40):
+        nested = (nested,)
+    data = encode_value(nested)
+    failures: list[BaseException] = []
+
+    def decode_many() -> None:
+        try:
+            for _ in range(2000):
+                decode_value(data)
+        except BaseException as exc:
+            failures.append(exc)
+    threads = [threading.Thread(target=decode_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

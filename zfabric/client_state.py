@@ -163,6 +163,7 @@ class ClientState:
         named is resolved once."""
         handles = self.handles
         accept_pickle = self.config.serializer == "pickle"  # results of pickled calls come back pickled
+        used: set[int] = set()
         for i in range(0, len(flat) - 2, 3):
             status = flat[i + 1]
             if status == _CANCELLED and type(status) is int:
@@ -176,7 +177,7 @@ class ClientState:
                 self.in_scheduler -= 1
             data = flat[i + 2]
             if type(data) is not bytes:
-                data = payload_of(data, frames)
+                data = payload_of(data, frames, used)
             if type(status) is not int or data is None:
                 data, status = b"", -1
             handle._resolve(status, data, accept_pickle)

@@ -145,6 +145,8 @@ def raise_kind(kind: str) -> None:
         raise AppError(7, "app failure")
     elif kind == "exit":
         raise SystemExit(3)
+    elif kind == "stop":
+        raise StopIteration("a task may raise this too")
     raise KeyError(kind)
 
 

@@ -71,18 +71,29 @@ def _local_class(type_name: str) -> type | None:
     """The exception class a remote type name names, if this process has it already: only modules already
     imported here are looked in (nothing is imported on a remote peer's word), and only Exception
     subclasses count."""
+    if len(type_name) > MAX_TYPE_NAME:
+        return None
     parts = type_name.split(".") if "." in type_name else ["builtins", type_name]
+    if len(parts) > MAX_TYPE_PARTS:
+        return None
     obj: Any = None
     for split in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module: ``pkg.mod.Outer.Inner``
-        obj = sys.modules.get(".".join(parts[:split]))
-        if obj is not None:
-            for part in parts[split:]:
-                obj = getattr(obj, part, None)
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is not None:
+            obj = module
+            for part in parts[split:]:  # vars(), not getattr: a module's __getattr__ may import (numpy's does)
+                obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None
             break
     if (isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, FabricError)
+            and not issubclass(obj, (StopIteration, StopAsyncIteration))  # raised in a generator: RuntimeError
             and remote_type_name(obj) == type_name):
         return obj
     return None
+
+
+MAX_TYPE_NAME = 256
+MAX_TYPE_PARTS = 16
+"""A remote type name longer or more dotted than this is no class of ours (and each prefix costs a lookup)."""
 
 
 def _rebuild(type_name: str, message: str, traceback_text: str, task_id: int | None) -> TaskError:

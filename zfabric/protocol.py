@@ -308,12 +308,14 @@ def attach(payload: Buffer, frames: list[Any]) -> Any:
     return len(frames)
 
 
-def payload_of(ref: Any, frames: Sequence[Any]) -> Buffer | None:
+def payload_of(ref: Any, frames: Sequence[Any], used: set[int]) -> Buffer | None:
     """The payload an entry names: inline ``bin``, or payload frame ``ref`` (1 = the first frame after the
-    envelope); None if it names neither."""
+    envelope); None if it names neither, or a frame another entry of the message named already (one frame
+    named by 50,000 entries would make the fabric carry 50,000 copies). ``used``: one set per message."""
     if type(ref) is bytes:
         return ref
-    if type(ref) is int and 0 < ref <= len(frames):
+    if type(ref) is int and 0 < ref <= len(frames) and ref not in used:
+        used.add(ref)
         return frames[ref - 1]
     return None
 

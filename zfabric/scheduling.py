@@ -172,10 +172,11 @@ class SchedulerState:
         malformed = 0
         tasks = self.tasks
         room = self.config.max_queued - len(tasks)
+        used: set[int] = set()
         for i in range(0, len(flat) - 2, 3):
             task_id, priority, payload = flat[i], flat[i + 1], flat[i + 2]
             if type(payload) is not bytes:
-                payload = payload_of(payload, frames)
+                payload = payload_of(payload, frames, used)
             if type(task_id) is not int or type(priority) is not int or payload is None:
                 malformed += 1
                 if type(task_id) is int:

@@ -81,8 +81,9 @@ class Sink(Service):
         self.out.flush()
 
     def _write(self, flat: list[Any], frames: tuple[Any, ...]) -> None:
+        used: set[int] = set()
         for i in range(0, len(flat) - 2, 3):
-            task_id, status, data = flat[i], flat[i + 1], payload_of(flat[i + 2], frames)
+            task_id, status, data = flat[i], flat[i + 1], payload_of(flat[i + 2], frames, used)
             if type(task_id) is not int or type(status) is not int or data is None:
                 self.bad_input("malformed result", "", "not [id, status, value]")
                 continue

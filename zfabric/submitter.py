@@ -45,6 +45,9 @@ class Submitter:
     def __init__(self, client: SubmitTarget, priority: int = 0, **options: Any) -> None:
         if type(priority) is not int:
             raise ConfigError(f"priority must be an int, got {type(priority).__name__}")
+        if "serializer" in options:
+            raise ConfigError("serializer is a setting of the client, for all its tasks: "
+                              "zfabric.Client(address, serializer='pickle')")
         if "retry_on" in options:
             options["retry_on"] = [c if isinstance(c, str) else c.__name__ for c in options["retry_on"]]
         problem = check_options(options)

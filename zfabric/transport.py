@@ -201,10 +201,15 @@ class Reader:
         try:
             while len(batch) < RECV_BATCH:
                 frames: list[Any] = [recv(zmq.NOBLOCK)]
+                count = 1
                 while more(_RCVMORE):  # the rest of a message is there once its first frame is
-                    frames.append(recv(copy=len(frames) < copied))
-                if len(frames) > MAX_FRAMES:
-                    self.bad_input("message with too many frames", self.name, f"{len(frames)} (limit {MAX_FRAMES})")
+                    if count < MAX_FRAMES:
+                        frames.append(recv(copy=count < copied))
+                    else:
+                        recv()  # over the limit: read to the end of the message, keep nothing
+                    count += 1
+                if count > MAX_FRAMES:
+                    self.bad_input("message with too many frames", self.name, f"{count} (limit {MAX_FRAMES})")
                     continue
                 batch.append(frames)
                 if len(batch) == 1 and not self._has_input():

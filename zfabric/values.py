@@ -68,19 +68,19 @@ class UnsendableValue(TypeError):
 
 
 def imported_classes(module: str, qualname: str) -> type | None:
-    """A `ClassLookup` for callers: any class of a module this process has imported."""
-    return _find(sys.modules.get(module), qualname)
+    """A `ClassLookup` for callers: any class defined in a module this process has imported."""
+    return _find(sys.modules.get(module), module, qualname)
 
 
 def classes_of(modules: Any) -> ClassLookup:
     """A `ClassLookup` for workers: classes of these modules only (as imported here already), or of the
     modules a ``module(name) -> module or None`` callable (a worker's `Registry.module`) gives."""
     if callable(modules):
-        return lambda module, qualname: _find(modules(module), qualname)
+        return lambda module, qualname: _find(modules(module), module, qualname)
     allowed = frozenset(modules)
 
     def lookup(module: str, qualname: str) -> type | None:
-        return _find(sys.modules.get(module), qualname) if module in allowed else None
+        return _find(sys.modules.get(module), module, qualname) if module in allowed else None
     return lookup
 
 
@@ -90,14 +90,19 @@ def _module_name(cls: type) -> str:
     return "__main__" if cls.__module__ == "__mp_main__" else cls.__module__
 
 
-def _find(obj: Any, qualname: str) -> type | None:
-    if obj is None:
+def _find(obj: Any, module: str, qualname: str) -> type | None:
+    """The class ``qualname`` defined in module ``obj`` (named ``module`` by the peer), or None. Walks
+    ``vars()``, not getattr (a module's __getattr__ may import: numpy's does), skips private names, and
+    refuses a class only imported there from elsewhere."""
+    if obj is None or len(qualname) > 256:
         return None
     for part in qualname.split("."):
-        if part.startswith("_") and part != "__main__":
+        if part.startswith("_") or not hasattr(obj, "__dict__"):
             return None
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, type) else None
+        obj = vars(obj).get(part)
+    if not isinstance(obj, type) or _module_name(obj) != module:
+        return None
+    return obj
 
 
 # ---- encoding ---------------------------------------------------------------------------------
@@ -271,8 +276,14 @@ class _Decoder:
     def unpack(self, data: Any) -> Any:
         if self.counting:
             return msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext, list_hook=self.count,
-                                   object_hook=self.count)
+                                   object_pairs_hook=self.pairs)
         return msgpack.unpackb(data, strict_map_key=False, ext_hook=self.ext)
+
+    def pairs(self, items: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        """A map of a large payload: built here, after `_distinct_hashes` (msgpack would build it in C)."""
+        self.count(None)
+        _distinct_hashes([key for key, _ in items])
+        return dict(items)
 
     def ext(self, code: int, data: bytes) -> Any:
         if self.counting:
@@ -291,9 +302,9 @@ class _Decoder:
         if code == INT:
             return int.from_bytes(data, "big", signed=True)
         if code == SET:
-            return set(self._list(data))
+            return set(_distinct_hashes(self._list(data)))
         if code == FROZENSET:
-            return frozenset(self._list(data))
+            return frozenset(_distinct_hashes(self._list(data)))
         if code == DATETIME:
             return dt.datetime.fromisoformat(data.decode())
         if code == DATE:
@@ -372,6 +383,20 @@ class _Decoder:
         return obj
 
 
+def _distinct_hashes(items: list[Any]) -> list[Any]:
+    """``items``, if a set or dict of them cannot take quadratic time to build. Python's int (and float,
+    tuple...) hashes are not randomised: 40,000 ints of equal hash take 27 s to put in a set, 0.04 s if
+    their hashes differ. Counting distinct hashes is linear (equal hashes collapse at once)."""
+    if len(items) > HASH_CHECK_ITEMS and len(set(map(hash, items))) < len(items) // 2:
+        raise ValueError(f"{len(items)} set items or dict keys with only a few distinct hashes (a hash "
+                         "collision attack?)")
+    return items
+
+
+HASH_CHECK_ITEMS = 1000
+"""Sets and maps up to this size are built as they come (the worst case costs milliseconds)."""
+
+
 def _decode_array(data: bytes, decoder: _Decoder) -> Any:
     try:
         import numpy  # the one module decoding may import: it is in the table, and only an array needs it
@@ -396,7 +421,6 @@ def _decode_array(data: bytes, decoder: _Decoder) -> Any:
     return array[()] if scalar else array.copy()  # writable, and not holding the whole message
 
 
-_small_hooks: dict[Any, Callable[[int, bytes], Any]] = {}
 
 
 def decode_value(data: Any, lookup: ClassLookup | None = imported_classes, accept_pickle: bool = False) -> Any:
@@ -407,11 +431,14 @@ def decode_value(data: Any, lookup: ClassLookup | None = imported_classes, accep
             return _Decoder(lookup, counting=len(data) > SMALL_PAYLOAD, accept_pickle=True).unpack(data)
         if len(data) > SMALL_PAYLOAD:
             return _Decoder(lookup, counting=True).unpack(data)
-        ext = _small_hooks.get(lookup)  # the hot path: one call into msgpack, nothing per container
+        hooks: dict[Any, Callable[[int, bytes], Any]] | None = getattr(_local, "hooks", None)
+        if hooks is None:  # per thread: a decoder counts its nesting depth
+            hooks = _local.hooks = {}
+        ext = hooks.get(lookup)  # the hot path: one call into msgpack, nothing per container
         if ext is None:
-            if len(_small_hooks) > 64:
-                _small_hooks.clear()
-            ext = _small_hooks[lookup] = _Decoder(lookup, counting=False).ext
+            if len(hooks) > 64:
+                hooks.clear()
+            ext = hooks[lookup] = _Decoder(lookup, counting=False).ext
         return msgpack.unpackb(data, strict_map_key=False, ext_hook=ext)
     except Exception as exc:  # msgpack and the hooks raise many types on bad input
         text = str(exc)

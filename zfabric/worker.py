@@ -43,7 +43,7 @@ from .results import ResultRouter
 from .security import Curve
 from .service import Service
 from .threads import SyncThreads
-from .values import classes_of
+from .values import NO_PICKLE, classes_of
 from .worker_state import (
     Interrupt,
     Malformed,
@@ -232,6 +232,8 @@ class Worker(Service):
             problem = check_options(options) if options else None
             if problem:
                 raise ProtocolError(problem)
+            if options and options.get("serializer") == "pickle" and not self.config.accept_pickle:
+                raise ProtocolError(NO_PICKLE)  # (its result would go back pickled)
             fn = self.registry.resolve(name)
         except NotAllowed as exc:
             self._complete(task_id, run, sink, Status.REJECTED, encode_error("NotAllowed", str(exc)), failed=True)

@@ -191,6 +191,7 @@ class WorkerState:
         self.registered = True
         starts: list[Start] = []
         running = self.running
+        used: set[int] = set()  # each payload frame names one task
         for group in groups:
             if (type(group) is not list or len(group) not in (2, 3) or type(group[0]) is not str
                     or type(group[1]) is not list):
@@ -205,7 +206,7 @@ class WorkerState:
             for i in range(0, 3 * n, 3):
                 task_id, tries, payload = flat[i], flat[i + 1], flat[i + 2]
                 if type(payload) is not bytes:
-                    payload = payload_of(payload, frames)
+                    payload = payload_of(payload, frames, used)
                 if type(task_id) is not int or type(tries) is not int or payload is None:
                     self.credit += 1
                     self.commands.append(Malformed("task entry is not [id, tries, payload]"))
