@@ -354,7 +354,7 @@ async def test_chaos_kill_and_respawn_a_random_worker_every_second(procs: Procs,
 @pytest.mark.timeout(90)
 async def test_chaos_with_sync_tasks_at_default_concurrency_fails_no_innocent_task(
         procs: Procs, resolutions: Counter[int]) -> None:
-    """Finding 2: 3 workers at default concurrency, 600 x 0.05 s sync tasks a round, a random worker
+    """Finding 2: 3 workers at default concurrency, 600 x 0.02 s sync tasks a round, a random worker
     SIGKILLed (and replaced) every second for 10 rounds. Many tasks share every dying worker; none of them
     may fail with WorkerLost, because a shared death is no evidence against any one task."""
     address = f"tcp://{LOOPBACK}:{free_port_pair()}"
@@ -367,7 +367,7 @@ async def test_chaos_with_sync_tasks_at_default_concurrency_fails_no_innocent_ta
         for round_no in range(10):
             for i in range(600):
                 n = round_no * 600 + i
-                tally.add(client.submit(demo_tasks.slow_pid, 0.05, n), n)
+                tally.add(client.submit(demo_tasks.slow_pid, 0.02, n), n)
             await asyncio.sleep(1.0)  # sync-ok: the chaos cadence, one kill a second
             victim = rng.choice([p for p in live if p.poll() is None])
             victim.kill()

@@ -219,9 +219,24 @@ def test_priorities_do_not_slow_dispatch() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_dispatch_cost_does_not_grow_with_workers() -> None:
-    """Finding 13: the state machine's work per task is the same with 2 and with 250 workers."""
-    import time
+def test_dispatch_cost_does_not_grow_with_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 13: the state machine's work per task is the same with 2 and with 250 workers. Work is
+    counted, not timed (a shared machine's timings made this flaky): heap operations on the ready workers,
+    the only part of a dispatch whose count could depend on the number of workers."""
+    import heapq
+    import types
+
+    from zfabric import scheduling
+
+    ops = {"n": 0}
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args):  # type: ignore[no-untyped-def]
+            ops["n"] += 1
+            return fn(*args)
+        return wrapper
+    monkeypatch.setattr(scheduling, "heapq", types.SimpleNamespace(
+        heappush=counted(heapq.heappush), heappop=counted(heapq.heappop), heapify=counted(heapq.heapify)))
 
     def run(n_workers: int) -> float:
         s = SchedulerState(SchedulerConfig(max_queued=100_000), 1)
@@ -229,8 +244,8 @@ def test_dispatch_cost_does_not_grow_with_workers() -> None:
         for wid in wids:
             s.worker_hello(wid, "w", 1, 20, [], 1, "h", 0.0)
         seqs = dict.fromkeys(wids, 0)
-        started = time.perf_counter()
-        for i in range(20_000):  # one task at a time: the latency path
+        ops["n"] = 0
+        for i in range(5_000):  # one task at a time: the latency path
             s.submit(b"c" * 16, "tcp://127.0.0.1:9", "", [i + 1, 0, b"p"], 0.0)
             s.dispatch()
             task = s.tasks[i + 1]
@@ -239,10 +254,11 @@ def test_dispatch_cost_does_not_grow_with_workers() -> None:
             seqs[wid] += 1
             s.worker_done(wid, 1, seqs[wid], 1, [i + 1], 0, [], 0.0)
             s.outbox.clear()
-        return time.perf_counter() - started
+        s.validate()
+        return ops["n"] / 5_000
 
-    few, many = min(run(2) for _ in range(2)), min(run(250) for _ in range(2))
-    assert many < 1.5 * few + 0.05, f"250 workers: {many:.3f} s, 2 workers: {few:.3f} s for 20,000 tasks"
+    few, many = run(2), run(250)
+    assert few > 0 and many <= 1.5 * few, f"heap operations per task: 250 workers {many:.1f}, 2 workers {few:.1f}"
 
 
 @pytest.mark.timeout(30)
