@@ -58,6 +58,7 @@ class WorkerMachine(RuleBasedStateMachine):
                 if command.session == self.session:
                     self.sched_free += command.credit
             elif type(command) is SendDrain:
+                assert not set(command.handed_back) & set(self.state.running), "handed back a task still running"
                 self.report(command.handed_back)
             elif type(command) is Interrupt:
                 self.interrupts.append(command)
@@ -294,4 +295,19 @@ def test_credit_is_conserved_through_a_session_change() -> None:
     state.send_done()
     (done,) = state.take()
     assert isinstance(done, SendDone) and done.credit == 1 and done.n_failed == 1
+    state.validate()
+
+
+def test_a_dispatch_crossing_our_drain_hands_back_only_what_does_not_run_here() -> None:
+    """A redelivered id still running here stays ours (its DONE reports it); handed back, it would run twice."""
+    state = WorkerState(4, HEARTBEAT_S, TIMEOUT_S)
+    state.hello(0.0)
+    (hello,) = state.take()
+    starts = state.on_dispatch(1, hello.session, 1, [["s", [1, 0, b"a"]]], 0.0)
+    state.drain([])
+    state.take()
+    assert state.on_dispatch(1, hello.session, 2, [["s", [1, 1, b"a", 2, 0, b"b"]]], 0.0) == []
+    (back,) = state.take()
+    assert isinstance(back, SendDrain) and back.handed_back == [2]
+    assert state.finish(1, starts[0][1], failed=False)
     state.validate()

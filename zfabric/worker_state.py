@@ -179,7 +179,10 @@ class WorkerState:
             for group in groups:
                 if type(group) is list and len(group) in (2, 3) and type(group[1]) is list:
                     flat = group[1]
-                    back += [i for i in flat[0:len(flat) - len(flat) % 3:3] if type(i) is int]
+                    # an id that runs here already stays ours (its DONE will report it): handed back, it would
+                    # run twice
+                    back += [i for i in flat[0:len(flat) - len(flat) % 3:3]
+                             if type(i) is int and i not in self.running]
             self.commands.append(SendDrain(self.session, back))
             return []
         if seq != self.dispatch_seq + 1:
