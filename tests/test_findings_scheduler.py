@@ -67,7 +67,10 @@ async def test_status_flood_with_dead_reply_addresses_keeps_descriptors_bounded(
             fds_after = scheduler.num_fds()
     finally:
         flooder.close(linger=0)
-    assert fds_after < fds_before + 60, f"descriptors {fds_before} -> {fds_after} after 5,000 status requests"
+    # The finding: one socket per request (16 -> ~5,100 descriptors). Now at most 16 status sockets live; the
+    # ones closed to make room release their descriptors when libzmq's I/O thread gets to it, which lags on
+    # a loaded machine (92 was seen once): the bound leaves room for that, and none for one per request.
+    assert fds_after < fds_before + 300, f"descriptors {fds_before} -> {fds_after} after 5,000 status requests"
 
 
 def test_a_worker_that_held_nothing_and_vanished_is_no_warning(caplog: pytest.LogCaptureFixture) -> None:
