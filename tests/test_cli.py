@@ -115,10 +115,11 @@ def live_worker_pids(fab: Fabric) -> set[int]:
 # ---- CliRunner: help, version, bad input ------------------------------------------------------------
 
 SUBCOMMAND_OPTIONS = {
-    "up": ["--workers", "--app", "--port", "--bind", "--concurrency", "--threads", "--log-level"],
+    "up": ["--workers", "--app", "--port", "--bind", "--concurrency", "--threads", "--tag", "--resources",
+           "--log-level"],
     "scheduler": ["--bind", "--max-deaths", "--heartbeat-s", "--worker-timeout-s", "--log-level"],
     "worker": ["ADDRESS", "--app", "--concurrency", "--threads", "--name", "--grace-s", "--heartbeat-s",
-               "--log-level"],
+               "--tag", "--resources", "--log-level"],
     "submit": ["ADDRESS", "FUNCTION", "ARGS", "--kw", "--timeout-s", "--log-level"],
     "status": ["ADDRESS", "--json", "--timeout-s", "--log-level"],
     "sink": ["--bind", "--out", "--log-level"],

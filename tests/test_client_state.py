@@ -91,7 +91,7 @@ class ClientMachine(RuleBasedStateMachine):
                     assert task_id not in self.cancelled, f"{task_id:#x} submitted after the caller cancelled it"
                     handle = self.by_id[task_id]
                     assert handle.state == SENT and self.s.handles.get(task_id) is handle, "submitted a finished task"
-                    assert flat[i + 1] == handle.priority and flat[i + 2] == handle.payload
+                    assert flat[i + 1] == handle.placement and flat[i + 2] == handle.payload
                     submitted.append(task_id)
                     self.sent_ever.add(task_id)
             elif isinstance(command, SendCancel):

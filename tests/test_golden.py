@@ -76,6 +76,7 @@ BIG_VALUE = encode_value(bytes(PAYLOAD_FRAME_BYTES))
 CASES: list[tuple[str, Message]] = [
     ("client_hello.bin", ClientHello(CLIENT_ID, SINK)),
     ("submit.bin", Submit(CLIENT_ID, SINK, "", [TASK1, 0, CALL, TASK2, 5, CALL2])),
+    ("submit_routed.bin", Submit(CLIENT_ID, SINK, "", [TASK1, [0, ["gpu"], {"gpu": 1}], CALL, TASK2, 5, CALL2])),
     ("submit_with_frame.bin", Submit(CLIENT_ID, SINK, "", [TASK1, 0, CALL, TASK3, 0, 1], (BIG_CALL,))),
     ("cancel.bin", Cancel(CLIENT_ID, SINK, [TASK2])),
     ("cancel_to_worker.bin", Cancel(b"", "", [TASK2])),
@@ -92,6 +93,9 @@ CASES: list[tuple[str, Message]] = [
     ("result.bin", Result([TASK1, Status.OK, VALUE, TASK2, Status.ERROR, ERROR])),
     ("result_with_frame.bin", Result([TASK1, Status.OK, VALUE, TASK3, Status.OK, 1], (BIG_VALUE,))),
     ("worker_hello.bin", WorkerHello("gpu-box-4242", SESSION, 10000, [], 4242, "gpu-box/10.0.0.3")),
+    ("worker_hello_routed.bin", WorkerHello("gpu-box-4242", SESSION, 10000, [], 4242, "gpu-box/10.0.0.3",
+                                            ["gpu", "eu"], {"gpu": 2, "mem_gb": 64})),
+    ("worker_hello_resources_only.bin", WorkerHello("cpu-4243", SESSION, 8, [], 4243, "cpu", [], {"mem_gb": 0.5})),
     ("done.bin", Done(SESSION, 4, 3, [TASK1, TASK2], 1, [TASK3, 0.25])),
     ("worker_heartbeat.bin", WorkerHeartbeat(SESSION, 4)),
     ("drain.bin", Drain(SESSION, [TASK3])),
@@ -141,7 +145,7 @@ def test_decode_matches_message(name: str, message: Message) -> None:
 
 
 def test_payload_frames_are_named_by_number() -> None:
-    _, submit = decode(_frames(*CASES[2]))
+    _, submit = decode(_frames("submit_with_frame.bin", dict(CASES)["submit_with_frame.bin"]))
     tasks, frames = submit.tasks, submit.frames
     used: set[int] = set()
     assert payload_of(tasks[2], frames, used) == CALL and payload_of(tasks[5], frames, used) == BIG_CALL

@@ -2,7 +2,9 @@
 
 After every step `validate()` checks the state machine's invariants, and the model checks what no peer
 may do: finish a task that is not on it, cancel another client's task, or make the scheduler hand a
-worker more tasks than the slots it announced. 100 runs of 100 steps: 10,000 events per CI run.
+worker more tasks than the slots it announced. Tasks are routed too: the model checks that each lands
+only on a worker with its tags and enough of its resources, and that no task waits while a worker that
+could take it has room. 100 runs of 100 steps: 10,000 events per CI run.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from zfabric.config import SchedulerConfig, Timing
 from zfabric.protocol import Kind, decode
+from zfabric.routing import make_route, placement
 from zfabric.scheduling import SchedulerState
 
 CLIENTS = [b"client-secret-a!", b"client-secret-b!"]
 SINKS = {CLIENTS[0]: "tcp://127.0.0.1:9001", CLIENTS[1]: "tcp://127.0.0.1:9002"}
 WORKERS = [b"w1", b"w2", b"w3"]
+EQUIPMENT = {b"w1": (["gpu", "eu"], {"gpu": 2}), b"w2": ([], {}), b"w3": (["eu"], {"gpu": 1.5})}
+ROUTES = [None, make_route(["gpu"], {}), make_route([], {"gpu": 1}), make_route(["eu"], {"gpu": 0.5}),
+          make_route(["tpu"], {}), make_route([], {"gpu": 3})]
+"""Any worker; only w1; w1 (two at once) or w3 (one); w1 and w3 (four and three); nobody (tpu, gpu=3)."""
 STEPS = {"count": 0}
 
 
@@ -37,6 +44,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.busy: dict[bytes, int] = {}            # worker -> slots in use, as the worker would count
         self.session: dict[bytes, int] = {}
         self.seq: dict[bytes, int] = {}
+        self.route_of: dict[int, Any] = {}
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -45,7 +53,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         STEPS["count"] += 1
 
     def _collect(self) -> None:
-        """Read DISPATCH frames out of the outbox into the model; check credit is never exceeded."""
+        """Read DISPATCH frames out of the outbox into the model; check credit is never exceeded, and that
+        every task lands only where its route allows. The driver dispatches after every batch of messages."""
+        self.s.dispatch()
         for where, dest, frame in self.s.outbox:
             if where != "worker":
                 continue
@@ -56,20 +66,39 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.on.setdefault(dest, set()).update(ids)
                     self.busy[dest] = self.busy.get(dest, 0) + len(ids)
                 assert self.busy[dest] <= self.slots[dest], "scheduler sent more tasks than the worker's slots"
+                tags, resources = EQUIPMENT[dest]
+                for task_id in self.on[dest]:
+                    route = self.route_of[task_id]
+                    assert route is None or route.tags <= set(tags), f"task for {route.describe()} on {dest!r}"
+                used = sum(dict(r.needs).get("gpu", 0) for r in map(self.route_of.get, self.on[dest]) if r)
+                assert used <= resources.get("gpu", 0) + 1e-9, f"{dest!r} runs tasks needing {used} gpu"
         self.s.outbox.clear()
+        self._check_no_task_waits_for_room()
+
+    def _check_no_task_waits_for_room(self) -> None:
+        s = self.s
+        if s.queue.n_ready:
+            assert s.free_total == 0, f"{s.queue.n_ready} tasks queued while workers have {s.free_total} free"
+        for route, routed in s.routes.items():
+            if routed.queue.n_ready:
+                for w in s.workers.values():
+                    assert w.draining or w.free == 0 or not w.equipment.could_ever_take(route) or \
+                        not w.equipment.fits(route), f"a task for {route.describe()} waits while {w.wid!r} could run it"
 
     def _held_by(self, client: bytes) -> set[int]:
         return {t.id for t in self.s.tasks.values() if t.client.cid == client}
 
     # ---- clients ----------------------------------------------------------------------------
 
-    @rule(client=st.sampled_from(CLIENTS), n=st.integers(1, 6), priority=st.integers(-2, 2))
-    def submit(self, client: bytes, n: int, priority: int) -> None:
+    @rule(client=st.sampled_from(CLIENTS), n=st.integers(1, 6), priority=st.integers(-2, 2),
+          route=st.sampled_from(ROUTES))
+    def submit(self, client: bytes, n: int, priority: int, route: Any) -> None:
         flat: list[Any] = []
         for _ in range(n):
             self.next_id[client] += 1
             self.owner[self.next_id[client]] = client
-            flat += (self.next_id[client], priority, b"call")
+            self.route_of[self.next_id[client]] = route
+            flat += (self.next_id[client], placement(priority, route), b"call")
         self.s.submit(client, SINKS[client], "", flat, self.now)
         self.s.dispatch()
         self._collect()
@@ -117,7 +146,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         running = sorted(self.on.get(worker, set()))
         self.slots[worker] = free + len(running)
         self.busy[worker] = len(running)
-        self.s.worker_hello(worker, "w", self.session[worker], free, running, 1, "h", self.now)
+        self.s.worker_hello(worker, "w", self.session[worker], free, running, 1, "h", self.now, *EQUIPMENT[worker])
         self._collect()
         self._step()
 

@@ -83,6 +83,39 @@ def main(ctx: click.Context, log_level: str) -> None:
     _setup_logging(log_level)
 
 
+def _parse_resources(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float]:
+    from .routing import parse_resources_spec
+    try:
+        return parse_resources_spec(value or "")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _check_tags(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from .routing import check_tags
+    problem = check_tags(list(value), "--tag")
+    if isinstance(problem, str):
+        raise click.BadParameter(problem)
+    return value
+
+
+def routing_options(fn: Any) -> Any:
+    """``--tag`` and ``--resources``: which routed tasks a worker takes (SPEC §8)."""
+    fn = click.option("--resources", callback=_parse_resources, metavar="NAME=N,...", default=None,
+                      help="Amounts this worker has, e.g. gpu=2,mem_gb=64: a task submitted with "
+                           "resources={'gpu': 1} holds one while it runs.")(fn)
+    return click.option("--tag", "tags", multiple=True, callback=_check_tags,
+                        help="A tag of this worker (repeatable): tasks submitted with tags=[...] run only on "
+                             "workers with every one of them.")(fn)
+
+
+def _routing_args(tags: tuple[str, ...], resources: dict[str, float]) -> list[str]:
+    args = [a for tag in tags for a in ("--tag", tag)]
+    if resources:
+        args += ["--resources", ",".join(f"{name}={amount}" for name, amount in resources.items())]
+    return args
+
+
 @main.command()
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=2, show_default=True, help="Worker processes.")
 @click.option("--app", "-a", multiple=True, help="Module the workers may run functions from (repeatable).")
@@ -95,10 +128,12 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False), default=None,
               help="CURVE keys directory for the scheduler and workers (see `zfabric keys`).")
 @click.option("--accept-pickle", is_flag=True, help="Run tasks whose arguments a client pickled (serializer='pickle'): only on fabrics that trust every client.")
+@routing_options
 @log_level_option
 @click.pass_context
 def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None, bind: str, concurrency: int,
-       threads: int, curve_dir: str | None, accept_pickle: bool) -> None:
+       threads: int, curve_dir: str | None, accept_pickle: bool, tags: tuple[str, ...],
+       resources: dict[str, float]) -> None:
     """Run a scheduler and N workers in the foreground until Ctrl-C / SIGTERM."""
     from .supervisor import Supervisor
 
@@ -112,6 +147,7 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
                                                           "--threads", str(threads)]
     if accept_pickle:
         worker_args.append("--accept-pickle")
+    worker_args += _routing_args(tags, resources)
     level = ctx.obj["log_level"]
     curve_args = ["--curve", curve_dir] if curve_dir else []
 
@@ -180,11 +216,13 @@ def scheduler(bind: str, max_deaths: int, curve_dir: str | None, curve_name: str
 @click.option("--grace-s", type=float, default=WorkerConfig.grace_s, show_default=True,
               help="On SIGTERM, how long running tasks may finish before they are handed back.")
 @click.option("--accept-pickle", is_flag=True, help="Run tasks whose arguments a client pickled (serializer='pickle'): only on fabrics that trust every client.")
+@routing_options
 @timing_options
 @curve_option
 @log_level_option
 def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, timeout_procs: int, name: str,
-           grace_s: float, accept_pickle: bool, curve_dir: str | None, curve_name: str, **timing: Any) -> None:
+           grace_s: float, accept_pickle: bool, tags: tuple[str, ...], resources: dict[str, float],
+           curve_dir: str | None, curve_name: str, **timing: Any) -> None:
     """Run a worker that joins the scheduler at ADDRESS."""
     from .runtime import announce_ready, run_until_signalled
     from .worker import Worker
@@ -194,7 +232,8 @@ def worker(address: str, app: tuple[str, ...], concurrency: int, threads: int, t
     try:
         w = Worker(WorkerConfig(address=address, app=app, concurrency=concurrency, threads=threads,
                                 timeout_procs=timeout_procs, name=name, grace_s=grace_s, timing=_timing(timing),
-                                curve=_curve(curve_dir, curve_name), accept_pickle=accept_pickle))
+                                curve=_curve(curve_dir, curve_name), accept_pickle=accept_pickle, tags=tags,
+                                resources=resources))
     except FabricError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -282,8 +321,24 @@ def status(address: str, as_json: bool, timeout_s: float, curve_dir: str | None,
     for w in info["workers"]:
         click.echo(f"  {w['name']:<28} pid {w['pid']:<7} host {w['host']:<16} running {w['running']:<6} "
                    f"free {w['free']:<6} done {w['done']}{'  (draining)' if w['draining'] else ''}")
+        if w.get("tags") or w.get("resources"):
+            click.echo(f"    {_equipment(w)}")
+    for route in info.get("waiting", []):
+        needs = _equipment(route)
+        why = (f"no live worker has {needs}" if not route["workers"] else
+               f"{route['workers']} workers have {needs}, {route['busy']} of them busy")
+        click.echo(f"waiting: {route['queued']} tasks for {needs} ({why})")
     if info.get("bad_input"):
         click.echo(f"bad input dropped: {info['bad_input']}")
+
+
+def _equipment(entry: dict[str, Any]) -> str:
+    """"tags gpu, eu and resources gpu=2" from a status entry's tags and resources."""
+    from .routing import make_route
+    route = make_route(entry.get("tags", []), entry.get("resources", {}))
+    text = route.describe() if route is not None else "nothing"
+    used = entry.get("resources_used")
+    return text + (f" (in use: {', '.join(f'{k}={v:g}' for k, v in used.items())})" if used else "")
 
 
 @main.command()

@@ -241,7 +241,7 @@ class Client(Submitter, Service):
         return name
 
     def _submit(self, fn: TaskRef, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any],
-                priority: int) -> Handle:
+                placement: Any) -> Handle:
         if not self._started:
             raise FabricUnreachable("the client is not started; use `async with zfabric.Client(...)`")
         name = self._name(fn)
@@ -258,7 +258,7 @@ class Client(Submitter, Service):
                 f"bytes (the {MAX_FRAME_BYTES}-byte frame limit less {ENVELOPE_HEADROOM} for the envelope); "
                 "pass large data by reference (a path or URL) instead")
         self._seq += 1
-        handle = Handle(self._id_base + self._seq, self, payload, priority)
+        handle = Handle(self._id_base + self._seq, self, payload, placement)
         state = self._state
         waiting = state.submit(handle)
         if waiting >= MAX_BATCH_TASKS and state.in_scheduler < self.config.window:

@@ -40,7 +40,7 @@ _CANCELLED = int(Status.CANCELLED)
 
 @dataclass(frozen=True, slots=True)
 class SendSubmit:
-    """A SUBMIT: ``flat`` is ``[id, priority, payload, ...]`` within the frame and batch limits; a large
+    """A SUBMIT: ``flat`` is ``[id, placement, payload, ...]`` (`routing.placement`) within the frame and batch limits; a large
     payload is named by its number in ``frames`` (`protocol.attach`)."""
     flat: list[Any]
     frames: list[Any]
@@ -140,7 +140,7 @@ class ClientState:
                 outbox.popleft()
                 handle.state = SENT
                 payload = handle.payload
-                flat += (handle.id, handle.priority, payload if n < PAYLOAD_FRAME_BYTES else attach(payload, frames))
+                flat += (handle.id, handle.placement, payload if n < PAYLOAD_FRAME_BYTES else attach(payload, frames))
                 size += n
                 room -= 1
             if flat:
@@ -286,7 +286,7 @@ class ClientState:
             if flat and (len(flat) >= 3 * MAX_BATCH_TASKS or size >= MAX_BATCH_BYTES or size + n > MAX_CALL_BYTES):
                 self.commands.append(SendSubmit(flat, frames))
                 flat, frames, size = [], [], 0
-            flat += (handle.id, handle.priority, attach(handle.payload, frames))
+            flat += (handle.id, handle.placement, attach(handle.payload, frames))
             size += n
         if flat:
             self.commands.append(SendSubmit(flat, frames))

@@ -135,6 +135,11 @@ class WorkerConfig:
     accept_pickle: bool = False
     """Run tasks whose arguments a client pickled (``serializer="pickle"``): only on fabrics that trust every
     client, since unpickling runs code of the sender's choosing."""
+    tags: tuple[str, ...] = ()
+    """Tasks submitted with ``tags=[...]`` run only on workers that have every one of them."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Amounts this worker has (``{"gpu": 2}``): it runs at most as many tasks at once as they allow of the
+    tasks submitted with ``resources=``."""
 
 
 @dataclass

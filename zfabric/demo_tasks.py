@@ -106,6 +106,13 @@ async def asleep_pid(seconds: float, value: Any = None) -> list[Any]:
     return [value, os.getpid()]
 
 
+async def aspan(seconds: float) -> list[Any]:
+    """Sleep on the loop; return [pid, start, end] (wall clock), to see which tasks overlapped where."""
+    start = time.time()
+    await asyncio.sleep(seconds)
+    return [os.getpid(), start, time.time()]
+
+
 def slow_pid(seconds: float, value: Any = None) -> list[Any]:
     """Sleep in a worker thread, then return [value, pid of the worker that ran it]."""
     time.sleep(seconds)

@@ -35,12 +35,12 @@ _ERRORS: dict[int, type[TaskError]] = {Status.TIMEOUT: TaskTimeout, Status.LOST:
 class Handle:
     """The caller's view of one submitted task: awaitable, with `.id`, `.done()`, `.cancel()`, `.result()`."""
 
-    __slots__ = ("id", "payload", "priority", "state", "_client", "_value", "_error", "_future", "_callbacks")
+    __slots__ = ("id", "payload", "placement", "state", "_client", "_value", "_error", "_future", "_callbacks")
 
-    def __init__(self, task_id: int, client: HandleOwner, payload: bytes, priority: int) -> None:
+    def __init__(self, task_id: int, client: HandleOwner, payload: bytes, placement: Any) -> None:
         self.id = task_id
         self.payload: bytes | None = payload
-        self.priority = priority
+        self.placement = placement  # its SUBMIT entry's second item: priority, or [priority, tags, resources]
         self.state = WAITING
         self._client = client
         self._value: Any = None

@@ -9,7 +9,8 @@ payloads inside the envelope: the scheduler never unpacks them, and one bad
 payload fails one task, never a batch.
 
 Batches are flat lists to keep per-task objects few:
-SUBMIT carries ``[id, priority, payload, id, priority, payload, ...]``,
+SUBMIT carries ``[id, placement, payload, id, placement, payload, ...]`` (a placement is the priority, or
+``[priority, tags, resources]`` for a routed task: `routing`),
 DISPATCH ``[[sink, [id, tries, payload, ...]], ...]`` (a group ``[sink, [...], 1]`` runs its
 tasks isolated in a child process: suspects) and RESULT
 ``[id, status, value, ...]``.
@@ -97,7 +98,7 @@ class ClientHello(NamedTuple):
 
 
 class Submit(NamedTuple):
-    """client -> intake: tasks as flat ``[id, priority, payload, ...]``."""
+    """client -> intake: tasks as flat ``[id, placement, payload, ...]`` (`routing.placement`)."""
     client_id: bytes
     sink: str
     results_to: str
@@ -180,6 +181,8 @@ class WorkerHello(NamedTuple):
     running: list
     pid: int
     host: str
+    tags: list = []  # optional on the wire, as is every field with a default (omitted when empty)
+    resources: dict = {}
 
 
 class Done(NamedTuple):
@@ -256,6 +259,9 @@ def _wire_types(cls: Any) -> tuple[Any, ...]:
 SCHEMA: dict[Kind, tuple[Any, ...]] = {kind: _wire_types(cls) for kind, cls in MESSAGES.items()}
 """The envelope's fields of each kind, as the types each may have (derived from the classes)."""
 _CARRIES_FRAMES = frozenset(kind for kind, cls in MESSAGES.items() if cls._fields[-1] == "frames")
+_OPTIONAL = {kind: len(cls._field_defaults) for kind, cls in MESSAGES.items()
+             if kind not in _CARRIES_FRAMES and cls._field_defaults}
+"""Kinds whose last fields may be left out (they are, when empty): older senders omit them."""
 Frameless = (ClientHello | Cancel | ClientBye | StatusRequest | Audit | Welcome | Accepted | Rejected | Heartbeat
              | StatusReply | Missing | WorkerHello | Done | WorkerHeartbeat | Drain | WorkerBye | Register)
 Message = Frameless | Submit | Result | Dispatch
@@ -290,6 +296,10 @@ def encode(message: Message) -> Wire:
         frames: tuple[Any, ...] = fields.pop()
         header = _packer().pack([VERSION, kind, *fields])
         return [header, *frames] if frames else header
+    if kind in _OPTIONAL:
+        required = len(fields) - _OPTIONAL[kind]
+        while len(fields) > required and not fields[-1]:
+            fields.pop()
     return _packer().pack([VERSION, kind, *fields])
 
 
@@ -377,7 +387,10 @@ def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = No
     fields = msg[2:]
     schema = SCHEMA[kind]
     if len(fields) != len(schema):
-        raise ProtocolError(f"{kind.name} has {len(fields)} fields, expected {len(schema)}")
+        least = len(schema) - _OPTIONAL.get(kind, 0)
+        if not least <= len(fields) < len(schema):
+            raise ProtocolError(f"{kind.name} has {len(fields)} fields, expected "
+                                + (f"{least} to {len(schema)}" if least < len(schema) else f"{len(schema)}"))
     for i, (value, typ) in enumerate(zip(fields, schema)):
         if not isinstance(value, typ) or isinstance(value, bool):
             raise ProtocolError(f"{kind.name} field {i} is {type(value).__name__}")
@@ -387,7 +400,7 @@ def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = No
         return kind, MESSAGES[kind](*fields, frames)
     if frames:
         raise ProtocolError(f"{kind.name} carries no payload frames, got {len(frames)}")
-    return kind, MESSAGES[kind]._make(fields)
+    return kind, MESSAGES[kind]._make(fields) if len(fields) == len(schema) else MESSAGES[kind](*fields)
 
 
 # ---- payloads: the opaque bin values carried inside envelopes ------------------------------

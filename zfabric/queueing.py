@@ -1,4 +1,4 @@
-"""Tasks waiting for a worker (layer 3: imports records only).
+"""Tasks waiting for a worker (layer 3: imports records and routing).
 
 The rule it keeps: highest priority first, first in first out within a
 priority, requeued tasks at the front; tasks that were on 2+ dying workers
@@ -13,7 +13,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from .records import DELAYED, QUEUED, SUSPECT, Task
+from .records import DELAYED, QUEUED, SUSPECT, Task, WorkerRecord
+from .routing import Route
 
 
 class TaskQueue:
@@ -94,3 +95,22 @@ class TaskQueue:
             self.n_ready -= 1
         elif task.state == SUSPECT:
             self.n_suspects -= 1
+
+
+class RoutedQueue:
+    """The tasks held for one route (tags and resources): their own queue, and the workers that could take
+    them, recomputed when workers come or go."""
+
+    __slots__ = ("route", "queue", "held", "eligible", "eligible_set", "generation", "turn", "blocked")
+
+    def __init__(self, route: Route, tasks: dict[int, Task]) -> None:
+        self.route = route
+        self.queue = TaskQueue(tasks)
+        self.held = 0  # tasks held with this route, in any state: the record goes when none is left
+        self.eligible: list[WorkerRecord] = []
+        self.eligible_set: set[WorkerRecord] = set()
+        self.generation = -1  # of the worker set `eligible` was computed for
+        self.turn = 0  # which eligible worker a dispatch starts at, so equal workers take turns
+        self.blocked = False
+        """Tasks wait and no eligible worker had room for one at the last dispatch: until one gains room
+        (slots or resources), only the workers that did need a look."""

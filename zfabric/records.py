@@ -1,6 +1,6 @@
 """What the scheduler knows of each task, worker and client (layer 3: plain data, no logic).
 
-The rule it keeps: these are records, not actors; only `scheduling` changes them.
+The rule it keeps: these are records, not actors; only `scheduling` changes them (imports routing only).
 A task is in exactly one state: QUEUED, SUSPECT (queued apart, see `queueing`),
 DELAYED (a retry's back-off), RUNNING (on `worker`), or GONE.
 """
@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .routing import Equipment, Route
+
 QUEUED, RUNNING, DELAYED, SUSPECT, GONE = 0, 1, 2, 3, -1
 
 
 class Task:
-    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths", "lost_alone")
+    __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths", "lost_alone",
+                 "route")
 
-    def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes) -> None:
+    def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes,
+                 route: Route | None = None) -> None:
         self.id = task_id
         self.client = client
         self.sink = sink
@@ -26,6 +30,7 @@ class Task:
         self.tries = 0
         self.deaths = 0  # workers that died while it ran beside other tasks
         self.lost_alone = 0  # workers that died while it ran isolated in a child process (no evidence)
+        self.route = route  # the tags and resources it needs of its worker; None: any worker
 
 
 @dataclass(eq=False)
@@ -41,11 +46,14 @@ class WorkerRecord:
     tasks: set[Task] = field(default_factory=set)
     orphans: set[int] = field(default_factory=set)  # ids it reported running that no client has resubmitted yet
     abandoned: set[int] = field(default_factory=set)  # ids running here whose client left: counted when done
+    releasing: dict[int, Route] = field(default_factory=dict)  # cancelled here: resources held until reported
     suspect: Task | None = None
     dispatch_seq: int = 0
     done_seq: int = 0
     draining: bool = False
     done: int = 0
+    equipment: Equipment = field(default_factory=Equipment)  # its tags, resources, and what its tasks hold
+    overcommitted: bool = False  # it runs routed tasks it could not have been given (adopted after a restart)
 
 
 @dataclass(eq=False)

@@ -106,7 +106,8 @@ class Scheduler(Service):
         for _, kind, f in transport.messages(batch, _INTAKE_KINDS, self.bad_input, "intake"):
             if kind == Kind.SUBMIT:
                 if state.submit(f.client_id, f.sink, f.results_to, f.tasks, now, f.frames):
-                    self.bad_input("malformed task entry", f[0].hex(), "not [id, priority, payload]")
+                    self.bad_input("malformed task entry", f[0].hex(),
+                                   "not [id, priority or [priority, tags, resources], payload]")
                 state.dispatch()  # each batch moves on at once: workers start while more arrive
                 self._flush_outbox()
             elif kind == Kind.CLIENT_HELLO:
@@ -132,7 +133,10 @@ class Scheduler(Service):
             elif kind == Kind.WORKER_HEARTBEAT:
                 state.worker_heartbeat(wid, f[0], f[1], now)
             elif kind == Kind.WORKER_HELLO:
-                state.worker_hello(wid, f[0], f[1], f[2], f[3], f[4], f[5], now)
+                problem = state.worker_hello(wid, f.name, f.session, f.free, f.running, f.pid, f.host, now,
+                                             f.tags, f.resources)
+                if problem:
+                    self.bad_input("worker tags or resources", wid.hex(), problem)
             elif kind == Kind.DRAIN:
                 state.worker_drain(wid, f[0], f[1], now)
             elif kind == Kind.WORKER_BYE:

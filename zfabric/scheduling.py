@@ -21,8 +21,9 @@ from .config import SchedulerConfig
 from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_PAYLOAD_FRAMES, PAYLOAD_FRAME_BYTES, Accepted, Cancel, Dispatch, Heartbeat, Wire,
                        Missing, Register, Rejected, Result, Status, Welcome, attach, encode, encode_error,
                        payload_of)
-from .queueing import TaskQueue
+from .queueing import RoutedQueue, TaskQueue
 from .records import DELAYED, GONE, QUEUED, RUNNING, SUSPECT, ClientRecord, Counters, Task, WorkerRecord
+from .routing import Equipment, Route, check_resources, check_tags, parse_placement
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ DISPATCHES_PER_S = 100
 at both ends) stop growing with the number of workers. Slow tasks finish at a low rate: they keep the
 floor at `MIN_SHARE` and spread as widely as before."""
 MAX_SHARE = MAX_BATCH_TASKS // 2
+MAX_ROUTES = 64
+"""Most different routes (tag and resource sets) held at once: each one costs every dispatch a look."""
 """The floor's ceiling: half a DISPATCH, so even the fastest stream goes to two workers at a time or more."""
 
 Outgoing = tuple[str, Any, Wire]
@@ -58,7 +61,10 @@ class SchedulerState:
         self.clients: dict[bytes, ClientRecord] = {}
         self.counters = Counters()
         self.outbox: list[Outgoing] = []
-        self.queue = TaskQueue(self.tasks)
+        self.queue = TaskQueue(self.tasks)  # tasks any worker may take
+        self.routes: dict[Route, RoutedQueue] = {}  # tasks that need tags or resources, by what they need
+        self._generation = 0  # of the set of workers: routes recompute their eligible workers when it moves
+        self._gained: dict[WorkerRecord, None] = {}  # workers that gained slots or resources since the last dispatch
         self._orphans: dict[int, WorkerRecord] = {}  # running on a worker, not (yet) resubmitted to us
         # Workers with free slots, most free first: a lazy max-heap of (-free, tiebreak, worker); an entry
         # is stale unless its worker is live, not draining and still has exactly that many free slots.
@@ -74,24 +80,43 @@ class SchedulerState:
 
     @property
     def n_queued(self) -> int:
-        return len(self.queue)
+        return len(self.queue) + sum(len(routed.queue) for routed in self.routes.values())
+
+    def _queue_of(self, task: Task) -> TaskQueue:
+        return self.queue if task.route is None else self.routes[task.route].queue
 
     def _forget(self, task: Task) -> None:
         """Remove a task from every index (a queued one is skipped lazily when popped)."""
         if self.tasks.get(task.id) is task:
+            self._queue_of(task).discard(task)
             del self.tasks[task.id]
-        self.queue.discard(task)
+            self._release_route(task)
         task.state = GONE
         task.client.tasks.discard(task)
         self._detach(task)
 
+    def _release_route(self, task: Task) -> None:
+        """A held task is gone: its route's record goes with the last one."""
+        if task.route is not None:
+            routed = self.routes[task.route]
+            routed.held -= 1
+            if routed.held <= 0:
+                del self.routes[task.route]
+
     @staticmethod
-    def _detach(task: Task) -> None:
+    def _detach(task: Task, still_running: bool = False) -> None:
+        """Take a task off its worker. One `still_running` there (cancelled: it stops when the worker gets
+        to it) keeps its resources until the worker reports it, as its slot is only given back then."""
         worker = task.worker
         if worker is not None:
             worker.tasks.discard(task)
             if worker.suspect is task:
                 worker.suspect = None
+            if task.route is not None:
+                if still_running and len(worker.releasing) < worker.capacity:
+                    worker.releasing[task.id] = task.route
+                else:
+                    worker.equipment.hold(task.route, -1)
             task.worker = None
 
     def _set_free(self, worker: WorkerRecord, free: int) -> None:
@@ -114,6 +139,7 @@ class SchedulerState:
         """Take a worker out of every index (its tasks are the caller's to move)."""
         if self.workers.get(worker.wid) is worker:
             del self.workers[worker.wid]
+            self._generation += 1
         if not worker.draining:
             self.free_total -= worker.free
         worker.free = 0
@@ -177,14 +203,24 @@ class SchedulerState:
             task_id, priority, payload = flat[i], flat[i + 1], flat[i + 2]
             if type(payload) is not bytes:
                 payload = payload_of(payload, frames, used)
+            route = None
+            if type(priority) is not int:
+                placed = parse_placement(priority)
+                if placed is not None:
+                    priority, route = placed
             if type(task_id) is not int or type(priority) is not int or payload is None:
                 malformed += 1
                 if type(task_id) is int:
-                    rejected += (task_id, "malformed task entry (expected id, priority, payload)")
+                    rejected += (task_id, "malformed task entry (expected id, priority or "
+                                          "[priority, tags, resources], payload)")
                 continue
             held = tasks.get(task_id)
+            if held is None and route is not None and route not in self.routes and len(self.routes) >= MAX_ROUTES:
+                rejected += (task_id, f"the scheduler holds tasks of {MAX_ROUTES} different tag and resource sets, "
+                                      "its limit; wait for some to finish")
+                continue
             if held is None and task_id in self._orphans:
-                self._adopt(task_id, client, results_to or sink, priority, payload)
+                self._adopt(task_id, client, results_to or sink, priority, payload, route)
                 accepted.append(task_id)
                 continue
             if held is not None:
@@ -198,10 +234,13 @@ class SchedulerState:
                 rejected += (task_id, f"scheduler is full ({self.config.max_queued} tasks held); retry later")
                 continue
             room -= 1
-            task = Task(task_id, client, results_to or sink, priority, payload)
+            task = Task(task_id, client, results_to or sink, priority, payload, route)
             tasks[task_id] = task
             client.tasks.add(task)
-            self.queue.push(task)
+            if route is None:
+                self.queue.push(task)
+            else:
+                self._hold_route(task).push(task)
             accepted.append(task_id)
         if len(flat) % 3:
             malformed += 1
@@ -214,19 +253,39 @@ class SchedulerState:
             self.outbox.append(("client", client.sink, encode(Rejected(self.epoch, rejected))))
         return malformed
 
-    def _adopt(self, task_id: int, client: ClientRecord, sink: str, priority: int, payload: bytes) -> None:
+    def _hold_route(self, task: Task) -> TaskQueue:
+        """Count a new task held for its route (making the route's record); returns the route's queue."""
+        assert task.route is not None
+        routed = self.routes.get(task.route)
+        if routed is None:
+            routed = self.routes[task.route] = RoutedQueue(task.route, self.tasks)
+        routed.held += 1
+        return routed.queue
+
+    def _adopt(self, task_id: int, client: ClientRecord, sink: str, priority: int, payload: bytes,
+               route: Route | None) -> None:
         """A resubmitted task that a worker reported running at (re-)registration: it is still running there."""
         worker = self._orphans.pop(task_id)
         worker.orphans.discard(task_id)
-        task = Task(task_id, client, sink, priority, payload)
+        task = Task(task_id, client, sink, priority, payload, route)
         self.tasks[task_id] = task
         client.tasks.add(task)
+        queue = self.queue if route is None else self._hold_route(task)
         if self.workers.get(worker.wid) is worker:
-            task.state = RUNNING
-            task.worker = worker
-            worker.tasks.add(task)
+            self._place_adopted(task, worker)
         else:
-            self.queue.push(task)
+            queue.push(task)
+
+    def _place_adopted(self, task: Task, worker: WorkerRecord) -> None:
+        """Place a task that already runs on `worker`, even where a dispatch would not have put it."""
+        if task.route is not None and not (worker.equipment.could_ever_take(task.route)
+                                           and worker.equipment.fits(task.route) > 0):
+            worker.overcommitted = True
+        task.state = RUNNING
+        task.worker = worker
+        worker.tasks.add(task)
+        if task.route is not None:
+            worker.equipment.hold(task.route)
 
     def audit(self, cid: bytes, sink: str, ids: list[Any], now: float) -> None:
         """Tell a client which of its unfinished tasks we do not hold (their results may have been lost)."""
@@ -257,6 +316,8 @@ class SchedulerState:
             worker = task.worker
             if task.state == RUNNING and worker is not None:
                 by_worker.setdefault(worker.wid, []).append(task.id)
+                self._detach(task, still_running=True)
+                self._gained[worker] = None  # its resources, if `releasing` was full
                 if client_left and len(worker.abandoned) < worker.capacity:
                     worker.abandoned.add(task.id)
                 else:
@@ -282,25 +343,36 @@ class SchedulerState:
     # ---- workers --------------------------------------------------------------------------
 
     def worker_hello(self, wid: bytes, name: str, session: int, free: int, running: list[Any], pid: int,
-                     host: str, now: float) -> None:
-        """(Re-)register a worker; tasks we thought it had but it does not run go back to the queue."""
+                     host: str, now: float, tags: Any = (), resources: Any = None) -> str:
+        """(Re-)register a worker; tasks we thought it had but it does not run go back to the queue.
+        Returns what was wrong with its tags or resources ("" if nothing; it then has none)."""
         old = self.workers.get(wid)
         old_abandoned = set(old.abandoned) if old is not None else set()
         if old is not None:
             self._remove_worker(old)
         still_running = {t for t in running[:MAX_SLOTS_PER_WORKER] if type(t) is int}
         free = max(0, min(free, MAX_SLOTS_PER_WORKER))
-        worker = WorkerRecord(wid, name, session, 0, pid, host, now, capacity=free + len(still_running))
+        checked_tags, checked_resources = check_tags(tags), check_resources(resources or {})
+        problem = next((p for p in (checked_tags, checked_resources) if isinstance(p, str)), "")
+        equipment = Equipment() if problem else Equipment(checked_tags, checked_resources)  # type: ignore[arg-type]
+        worker = WorkerRecord(wid, name, session, 0, pid, host, now, capacity=free + len(still_running),
+                              equipment=equipment)
         self.workers[wid] = worker
+        self._generation += 1
         if old is not None:
             for task in [t for t in old.tasks if t.id in still_running]:
-                worker.tasks.add(task)
-                task.worker = worker
+                old.tasks.discard(task)
+                task.worker = None
+                self._place_adopted(task, worker)
                 if old.suspect is task:
                     worker.suspect = task
             old.tasks.difference_update(worker.tasks)
             self._requeue_all([t for t in old.tasks if t.id not in still_running], died=False)
             worker.abandoned = {i for i in old_abandoned if i in still_running}
+            for task_id, route in old.releasing.items():
+                if task_id in still_running:
+                    worker.releasing[task_id] = route
+                    worker.equipment.hold(route)
         room = min(MAX_ORPHANS_PER_WORKER, MAX_ORPHANS - len(self._orphans))
         for task_id in still_running:
             if room <= 0:
@@ -310,9 +382,11 @@ class SchedulerState:
                 worker.orphans.add(task_id)
                 room -= 1
         self._set_free(worker, free)
-        log.info("worker %s registered (%s, pid %d on %s, %d free slots)", wid.hex(), name, pid, host, free)
+        log.info("worker %s registered (%s, pid %d on %s, %d free slots%s)", wid.hex(), name, pid, host, free,
+                 "".join(f", {what}" for what in [equipment.describe()] if what))
         self.outbox.append(("worker", wid, encode(Heartbeat(self.epoch, session, 0))))
         self.dispatch()
+        return problem
 
     def _known_worker(self, wid: bytes, now: float) -> WorkerRecord | None:
         worker = self.workers.get(wid)
@@ -327,6 +401,7 @@ class SchedulerState:
         worker = self._known_worker(wid, now)
         if worker is None:
             return  # a peer we do not know finishes nothing: it is asked to register
+        self._gained[worker] = None
         if session != worker.session:
             # A stale session still reports finished tasks: their results reached the client.
             self._finish(worker, finished, n_failed)
@@ -345,7 +420,7 @@ class SchedulerState:
             self._detach(task)
             task.tries += 1
             self.counters.retried += 1
-            self.queue.delay(task, now + max(0.0, min(float(delay), 3600.0)))
+            self._queue_of(task).delay(task, now + max(0.0, min(float(delay), 3600.0)))
         self._set_free(worker, worker.free + max(0, min(credit, MAX_SLOTS_PER_WORKER)))
         self.dispatch()
 
@@ -353,14 +428,20 @@ class SchedulerState:
         """Finish the tasks of `finished` that run on `worker` (nobody else's); returns how many."""
         tasks = self.tasks
         n = 0
+        releasing = worker.releasing
         for task_id in finished:
             if type(task_id) is not int:
                 continue
+            if releasing:
+                route = releasing.pop(task_id, None)
+                if route is not None:
+                    worker.equipment.hold(route, -1)
             task = tasks.get(task_id)
             if task is not None:
                 if task.worker is not worker:
                     continue  # not on this worker: a DONE cannot finish another worker's (or a queued) task
                 del tasks[task_id]
+                self._release_route(task)
                 task.state = GONE
                 task.client.tasks.discard(task)
                 self._detach(task)
@@ -439,11 +520,11 @@ class SchedulerState:
                     task.deaths += 1
             self.counters.redelivered += 1
             if task.deaths >= suspect_after:
-                self.queue.push_suspect(task)
+                self._queue_of(task).push_suspect(task)
             else:
                 front.append(task)
         for task in reversed(front):
-            self.queue.push(task, front=True)
+            self._queue_of(task).push(task, front=True)
 
     def _fail_lost(self, task: Task) -> None:
         self.counters.lost += 1
@@ -456,7 +537,13 @@ class SchedulerState:
     # ---- dispatch -------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand queued tasks to workers with free slots, most free first, in one frame per worker."""
+        """Hand queued tasks to workers with free slots, most free first, in one frame per worker.
+        Routed tasks go first: fewer workers can take them."""
+        if self.routes and self.free_total > 0:
+            for routed in self.routes.values():
+                if routed.queue.n_ready or routed.queue.n_suspects:
+                    self._dispatch_route(routed)
+        self._gained.clear()
         if self.queue.n_suspects:
             self._dispatch_suspects()
         free_total = self.free_total
@@ -487,6 +574,67 @@ class SchedulerState:
         for worker in served:
             self._offer(worker)
 
+    def _eligible(self, routed: RoutedQueue) -> list[WorkerRecord]:
+        """The live workers that have the route's tags and enough of its resources for one task."""
+        if routed.generation != self._generation:
+            routed.generation = self._generation
+            routed.eligible = [w for w in self.workers.values() if w.equipment.could_ever_take(routed.route)]
+            routed.eligible_set = set(routed.eligible)
+            routed.blocked = False
+        return routed.eligible
+
+    def _dispatch_route(self, routed: RoutedQueue) -> None:
+        """Hand one route's tasks to the workers that can take them, each in turn, as far as their free
+        slots and resources left allow. A blocked route looks only at the workers that gained room since:
+        with many routes waiting on busy workers, a dispatch would otherwise cost routes × workers."""
+        workers = self._eligible(routed)
+        if routed.blocked:
+            workers = [w for w in self._gained if w in routed.eligible_set]
+        if not workers:
+            return
+        queue, route = routed.queue, routed.route
+        self._fill_route(routed, workers)
+        routed.blocked = bool(queue.n_ready or queue.n_suspects)  # every eligible worker is full for it
+
+    def _fill_route(self, routed: RoutedQueue, workers: list[WorkerRecord]) -> None:
+        queue, route = routed.queue, routed.route
+        if queue.n_suspects:
+            for worker in workers:
+                if worker.suspect is None and worker.free > 0 and not worker.draining and worker.equipment.fits(route):
+                    task = queue.pop_suspect()
+                    if task is None:
+                        break
+                    self._send_batch(worker, [task], isolate=True)
+                    worker.suspect = task
+                    self._offer(worker)
+        remaining = queue.n_ready
+        takers: list[tuple[WorkerRecord, int]] = []
+        room_total = 0
+        for worker in workers:
+            if worker.free > 0 and not worker.draining:
+                room = min(worker.free, worker.equipment.fits(route))
+                if room > 0:
+                    takers.append((worker, room))
+                    room_total += room
+        if not takers or not remaining:
+            return
+        # As in `dispatch`: shares in proportion to room, no less than `least`; the first taker changes
+        # from one dispatch to the next, so equal workers take turns.
+        least = max(MIN_SHARE, min(MAX_SHARE, int(self.finish_rate) // DISPATCHES_PER_S))
+        wanted = remaining
+        start = routed.turn % len(takers)
+        routed.turn = start + 1
+        for worker, room in takers[start:] + takers[:start]:
+            share = min(room, remaining, max(least, -(-wanted * room // room_total)))
+            batch = queue.pop(share)
+            if not batch:
+                break
+            remaining -= len(batch)
+            self._send_batch(worker, batch)
+            self._offer(worker)
+            if remaining <= 0:
+                break
+
     def _dispatch_suspects(self) -> None:
         for worker in self.workers.values():
             if worker.suspect is None and worker.free > 0 and not worker.draining:
@@ -507,6 +655,8 @@ class SchedulerState:
             task.state = RUNNING
             task.worker = worker
             worker.tasks.add(task)
+            if task.route is not None:
+                worker.equipment.hold(task.route)
             entry = by_sink.get(task.sink)
             if entry is None:
                 entry = by_sink[task.sink] = []
@@ -556,8 +706,10 @@ class SchedulerState:
         for client in [c for c in self.clients.values() if now - c.last_seen > timing.client_timeout_s
                        or (not c.tasks and now - c.last_seen > idle_s)]:
             self._drop_client(client, f"silent for {now - client.last_seen:.1f} s")
-        for task in self.queue.due(now):
-            self.queue.push(task, front=True)
+        for queue in [self.queue, *(routed.queue for routed in self.routes.values())]:
+            if queue.n_delayed:
+                for task in queue.due(now):
+                    queue.push(task, front=True)
         self.dispatch()
 
     def validate(self) -> None:
@@ -567,7 +719,10 @@ class SchedulerState:
             if not ok:
                 raise AssertionError(what)
         n_queued = n_suspects = 0
+        by_route: dict[Route, list[Task]] = {}
         for task_id, task in self.tasks.items():
+            if task.route is not None:
+                by_route.setdefault(task.route, []).append(task)
             check(task.id == task_id, f"task {task_id} indexed under another id")
             check(self.clients.get(task.client.cid) is task.client and task in task.client.tasks,
                   f"task {task_id} not held by a live client")
@@ -578,10 +733,18 @@ class SchedulerState:
             else:
                 check(task.worker is None, f"task {task_id} in state {task.state} is on a worker")
                 check(task.state in (QUEUED, SUSPECT, DELAYED), f"task {task_id} in unknown state {task.state}")
-            n_queued += task.state == QUEUED
-            n_suspects += task.state == SUSPECT
+            n_queued += task.state == QUEUED and task.route is None
+            n_suspects += task.state == SUSPECT and task.route is None
         check(self.queue.n_ready == n_queued, f"queue counts {self.queue.n_ready} ready, {n_queued} are")
         check(self.queue.n_suspects == n_suspects, f"queue counts {self.queue.n_suspects} suspects, {n_suspects} are")
+        check(set(by_route) == set(self.routes), "a route held without tasks, or tasks of a route not held")
+        check(len(self.routes) <= MAX_ROUTES, "too many routes")
+        for route, held in by_route.items():
+            routed = self.routes[route]
+            what = route.describe()
+            check(routed.route == route and routed.held == len(held), f"route {what}: held {routed.held}, {len(held)} are")
+            check(routed.queue.n_ready == sum(t.state == QUEUED for t in held), f"route {what}: ready count")
+            check(routed.queue.n_suspects == sum(t.state == SUSPECT for t in held), f"route {what}: suspect count")
         for client in self.clients.values():
             check(all(self.tasks.get(t.id) is t for t in client.tasks), f"client {client.cid.hex()} holds a gone task")
         free_total = 0
@@ -595,6 +758,19 @@ class SchedulerState:
             check(worker.suspect is None or worker.suspect in worker.tasks, f"worker {wid.hex()}: stale suspect")
             check(all(self._orphans.get(i) is worker for i in worker.orphans), f"worker {wid.hex()}: orphan index")
             check(len(worker.abandoned) <= worker.capacity, f"worker {wid.hex()}: too many abandoned tasks")
+            holding = Equipment()
+            for route in worker.releasing.values():
+                holding.hold(route)
+            for task in worker.tasks:
+                if task.route is not None:
+                    holding.hold(task.route)
+                    check(worker.overcommitted or worker.equipment.tags >= task.route.tags,
+                          f"worker {wid.hex()} runs a task needing {task.route.describe()} it has not")
+            check(all(abs(holding.used.get(r, 0) - worker.equipment.used.get(r, 0)) < 1e-6
+                      for r in {*holding.used, *worker.equipment.used}),
+                  f"worker {wid.hex()}: holds {worker.equipment.used}, its tasks need {holding.used}")
+            check(worker.overcommitted or not worker.equipment.over(),
+                  f"worker {wid.hex()}: holds {worker.equipment.used} of {worker.equipment.resources}")
             if not worker.draining:
                 free_total += worker.free
                 check(worker.free == 0 or id(worker) in live_ready, f"worker {wid.hex()} has free slots, not offered")
@@ -603,19 +779,32 @@ class SchedulerState:
         check(all(i in w.orphans and self.workers.get(w.wid) is w for i, w in self._orphans.items()),
               "an orphan of a worker that is gone")
 
+    def waiting(self) -> list[dict[str, Any]]:
+        """The routes with tasks waiting, each with how many live workers could ever take them."""
+        out = []
+        for routed in self.routes.values():
+            queued = len(routed.queue)
+            if queued:
+                takers = [w for w in self._eligible(routed) if not w.draining]
+                out.append({"tags": sorted(routed.route.tags), "resources": dict(routed.route.needs),
+                            "queued": queued, "workers": len(takers),
+                            "busy": sum(1 for w in takers if w.free <= 0 or not w.equipment.fits(routed.route))})
+        return out
+
     def status(self) -> dict[str, Any]:
         running = sum(len(w.tasks) for w in self.workers.values())
         return {
             "epoch": self.epoch,
             "workers": [
                 {"id": w.wid.hex(), "name": w.name, "pid": w.pid, "host": w.host, "free": w.free,
-                 "running": len(w.tasks), "done": w.done, "draining": w.draining}
+                 "running": len(w.tasks), "done": w.done, "draining": w.draining, **w.equipment.status()}
                 for w in self.workers.values()],
+            "waiting": self.waiting(),
             "clients": len(self.clients),
             "evicted_or_refused_clients": self.refused_clients,
-            "queued": len(self.queue),
-            "suspects": self.queue.n_suspects,
-            "delayed": self.queue.n_delayed,
+            "queued": self.n_queued,
+            "suspects": self.queue.n_suspects + sum(r.queue.n_suspects for r in self.routes.values()),
+            "delayed": self.queue.n_delayed + sum(r.queue.n_delayed for r in self.routes.values()),
             "running": running,
             **vars(self.counters),
         }

@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .execution import check_options
 from .handle import Handle
 from .progress import Progress
+from .routing import checked_route, placement
 
 if TYPE_CHECKING:
     from .config import ClientConfig
@@ -27,7 +28,7 @@ class SubmitTarget(Protocol):
     config: "ClientConfig"
 
     def _submit(self, fn: TaskRef, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any],
-                priority: int) -> Handle: ...
+                placement: Any) -> Handle: ...
 
     async def _wait_for_room(self) -> None: ...
 
@@ -39,12 +40,15 @@ class Submitter:
 
     Options never mix with the task's own keyword arguments.
     ``priority`` (int, higher first), ``timeout_s``, ``retries``, ``retry_on``
-    (exception class names), ``backoff_s``.
+    (exception class names), ``backoff_s``; ``tags`` (a list: run only on workers with every one) and
+    ``resources`` (``{"gpu": 1}``: held on the worker while the task runs).
     """
 
-    def __init__(self, client: SubmitTarget, priority: int = 0, **options: Any) -> None:
+    def __init__(self, client: SubmitTarget, priority: int = 0, *, tags: Iterable[str] = (),
+                 resources: dict[str, float] | None = None, **options: Any) -> None:
         if type(priority) is not int:
             raise ConfigError(f"priority must be an int, got {type(priority).__name__}")
+        route = checked_route(tags, resources)
         if "serializer" in options:
             raise ConfigError("serializer is a setting of the client, for all its tasks: "
                               "zfabric.Client(address, serializer='pickle')")
@@ -54,11 +58,11 @@ class Submitter:
         if problem:
             raise ConfigError(problem)
         self._client = client
-        self._priority = priority
+        self._placement = placement(priority, route)
         self._options = options
 
     def submit(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> Handle:
-        return self._client._submit(fn, args, kwargs, self._options, self._priority)
+        return self._client._submit(fn, args, kwargs, self._options, self._placement)
 
     async def submit_wait(self, fn: TaskRef, /, *args: Any, **kwargs: Any) -> Handle:
         await self._client._wait_for_room()
@@ -88,7 +92,7 @@ class Submitter:
         submit = self._client._submit
         try:
             for args in items:
-                pending.append(submit(name, args, {}, self._options, self._priority))
+                pending.append(submit(name, args, {}, self._options, self._placement))
                 if len(pending) >= window:
                     yield await pending.popleft()
             while pending:

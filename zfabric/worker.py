@@ -40,6 +40,7 @@ from .protocol import (Done, Drain, Kind, Status, WorkerBye, WorkerHeartbeat, Wo
                        encode_error)
 from .registry import NotAllowed, Registry
 from .results import ResultRouter
+from .routing import checked_route
 from .security import Curve
 from .service import Service
 from .threads import SyncThreads
@@ -73,6 +74,7 @@ class Worker(Service):
     def __init__(self, config: WorkerConfig | None = None, registry: Registry | None = None) -> None:
         super().__init__()
         self.config = config or WorkerConfig()
+        checked_route(self.config.tags, self.config.resources)  # ConfigError if either is malformed
         self.registry = registry or Registry(self.config.app)
         self.name = self.config.name or f"{socket.gethostname()}-{os.getpid()}"
         self.registered = asyncio.Event()
@@ -182,7 +184,8 @@ class Worker(Service):
                 self.registered.clear()
                 self._to_scheduler.backlog.clear()  # what the old session had not sent is void
                 self._tell_scheduler(encode(WorkerHello(self.name, command.session, command.free, command.running,
-                                                        os.getpid(), self._host)))
+                                                        os.getpid(), self._host, list(self.config.tags),
+                                                        self.config.resources)))
             elif type(command) is SendDrain:
                 self._tell_scheduler(encode(Drain(command.session, command.handed_back)))
             elif type(command) is SendBye:
