@@ -95,6 +95,11 @@ def size(data: bytes) -> int:
     return len(data)
 
 
+def echo(data: Any) -> Any:
+    """Return the argument: a round trip of a large value."""
+    return data
+
+
 async def async_sleep(seconds: float) -> None:
     """The concurrency task, for systems that run ``async def`` tasks."""
     await asyncio.sleep(seconds)

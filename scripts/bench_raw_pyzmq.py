@@ -56,10 +56,10 @@ import zmq
 import zmq.asyncio
 
 import bench_peers
-from bench_peers import HOST, SLEEP_S, WORKERS, Row, Sizes, async_sleep, inc, size
+from bench_peers import HOST, SLEEP_S, WORKERS, Row, Sizes, async_sleep, echo, inc, size
 
 SUBMIT, TASKS, CREDIT, STOP = 1, 2, 3, 4
-FUNCTIONS: dict[str, Callable[[Any], Any]] = {f.__name__: f for f in (inc, size, async_sleep)}
+FUNCTIONS: dict[str, Callable[[Any], Any]] = {f.__name__: f for f in (inc, size, echo, async_sleep)}
 """What workers run, by the name that travels in the task."""
 ASYNC_FUNCTIONS = frozenset(name for name, f in FUNCTIONS.items() if inspect.iscoroutinefunction(f))
 MIN_WINDOW = 10_000

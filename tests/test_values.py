@@ -77,6 +77,25 @@ def test_numpy_arrays_of_any_plain_dtype_and_layout(array: Any) -> None:
         assert got.shape == array.shape and got.flags.writeable
 
 
+def test_big_arrays_are_packed_in_a_buffer_of_their_own_and_arrive_writable() -> None:
+    from zfabric.protocol import decode_call
+    from zfabric.values import BIG_ARRAY_BYTES, encode_call
+    big = np.arange(BIG_ARRAY_BYTES // 8 + 1, dtype=np.float64)
+    fortran = np.asfortranarray(np.arange(BIG_ARRAY_BYTES // 4, dtype=np.int32).reshape(512, -1))
+    for value in (big, [1, {"x": big}], (big, 2), fortran, np.zeros(BIG_ARRAY_BYTES, dtype="V1")):
+        payload = encode_value(value)
+        got = decode_value(payload)
+        arrays = [(got, value)] if isinstance(value, np.ndarray) else \
+            [(got[1]["x"], big)] if isinstance(value, list) else [(got[0], big)]
+        for array, sent in arrays:
+            assert array.dtype == sent.dtype and array.shape == sent.shape and np.array_equal(array, sent)
+            assert array.flags.writeable
+    assert type(encode_value(big)) is memoryview and type(encode_value((big, 2))) is bytes  # nested: copied
+    name, args, _, _ = decode_call(encode_call("m:f", [big, 1], {}, {}))
+    assert np.array_equal(args[0], big) and args[1] == 1
+    assert encode_value(1) == b"\x01"  # and the thread's Packer still works after the hand-over
+
+
 def test_a_bytearray_keeps_its_type_at_the_top_and_in_tuples_and_becomes_bytes_deeper() -> None:
     """The one documented loss: msgpack packs a bytearray as bytes without asking, and walking every list
     to find one would cost as much as packing it."""
@@ -173,7 +192,7 @@ TYPED = [(1, 2), {3, 4}, frozenset({5}), 2**90, 1.5 + 2j, bytearray(b"ba"), dt.d
          dt.datetime(2026, 12, 2, 13, 30, tzinfo=dt.timezone.utc), dt.date(2026, 12, 2), dt.time(13, 30),
          dt.timedelta(hours=5), decimal.Decimal("0.10"), uuid.UUID(int=7), pathlib.PurePosixPath("/tmp/x"),
          demo_tasks.Shade.DARK, demo_tasks.Point(1.0, 2.0, "p"), {(1, 2): "tuple key", 3: "int key"},
-         np.arange(6, dtype=np.float32).reshape(2, 3)]
+         np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(300_000, dtype=np.int64)]
 
 
 async def test_typed_values_cross_the_fabric_both_ways(fabric: Fabric) -> None:

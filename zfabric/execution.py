@@ -40,7 +40,7 @@ def oversize_error(size: int) -> bytes:
                       "large data by reference (a path or URL) instead")
 
 
-def result_entry(value: Any, pickled: bool = False) -> tuple[int, bytes]:
+def result_entry(value: Any, pickled: bool = False) -> tuple[int, bytes | memoryview]:
     """(status, payload) for a returned value (pickled for a pickled call); an unsendable or oversize value
     becomes an error."""
     try:
@@ -116,7 +116,7 @@ def check_options(options: dict[str, Any]) -> str | None:
 
 
 def call_sync(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], options: dict[str, Any],
-              tries: int) -> tuple[int, bytes, float | None]:
+              tries: int) -> tuple[int, bytes | memoryview, float | None]:
     """Run a sync function: (status, payload, None), or (ERROR, b"", delay) when it should be retried."""
     try:
         value = fn(*args, **kwargs)

@@ -37,9 +37,9 @@ class Handle:
 
     __slots__ = ("id", "payload", "placement", "state", "_client", "_value", "_error", "_future", "_callbacks")
 
-    def __init__(self, task_id: int, client: HandleOwner, payload: bytes, placement: Any) -> None:
+    def __init__(self, task_id: int, client: HandleOwner, payload: bytes | memoryview, placement: Any) -> None:
         self.id = task_id
-        self.payload: bytes | None = payload
+        self.payload: bytes | memoryview | None = payload
         self.placement = placement  # its SUBMIT entry's second item: priority, or [priority, tags, resources]
         self.state = WAITING
         self._client = client

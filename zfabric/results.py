@@ -53,7 +53,7 @@ class ResultRouter:
         self._sinks: dict[str, _SinkOut] = {}
         self._retry_scheduled = False
 
-    def add(self, sink: str, task_id: int, status: int, data: bytes) -> bool:
+    def add(self, sink: str, task_id: int, status: int, data: bytes | memoryview) -> bool:
         """Queue one result for `sink`; False if that sink address is unusable.
 
         No RESULT frame passes the frame limit (or the link to the sink drops and the tasks run again, for

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .execution import call_sync
 
-Outcome = tuple[int, int, str, int, bytes, "float | None", Any, float]
+Outcome = tuple[int, int, str, int, "bytes | memoryview", "float | None", Any, float]
 """(task id, run, sink, status, payload, retry delay or None, function, seconds it ran)."""
 
 

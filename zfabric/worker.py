@@ -302,12 +302,12 @@ class Worker(Service):
             return
         self._sync_outcome(task_id, run, sink, status, data, delay)
 
-    def _thread_outcome(self, outcome: tuple[int, int, str, int, bytes, float | None, Any, float]) -> None:
+    def _thread_outcome(self, outcome: tuple[int, int, str, int, bytes | memoryview, float | None, Any, float]) -> None:
         task_id, run, sink, status, data, delay, fn, seconds = outcome
         self._inline.observed(fn, seconds, inline=False)
         self._sync_outcome(task_id, run, sink, status, data, delay)
 
-    def _sync_outcome(self, task_id: int, run: int, sink: str, status: int, data: bytes,
+    def _sync_outcome(self, task_id: int, run: int, sink: str, status: int, data: bytes | memoryview,
                       delay: float | None) -> None:
         if delay is not None:
             self._retry(task_id, run, delay)
@@ -328,7 +328,7 @@ class Worker(Service):
 
     # ---- outcomes -------------------------------------------------------------------------
 
-    def _complete(self, task_id: int, run: int, sink: str, status: int, data: bytes, failed: bool = False) -> None:
+    def _complete(self, task_id: int, run: int, sink: str, status: int, data: bytes | memoryview, failed: bool = False) -> None:
         """Finish this run of a task, once: its result to its sink, its slot back in the next DONE."""
         state = self.state
         if not state.finish(task_id, run, failed):
