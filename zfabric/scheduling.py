@@ -199,15 +199,18 @@ class SchedulerState:
         tasks = self.tasks
         room = self.config.max_queued - len(tasks)
         used: set[int] = set()
+        last_slot: Any = None
+        last_placed: tuple[int, Route | None] | None = None
         for i in range(0, len(flat) - 2, 3):
             task_id, priority, payload = flat[i], flat[i + 1], flat[i + 2]
             if type(payload) is not bytes:
                 payload = payload_of(payload, frames, used)
             route = None
             if type(priority) is not int:
-                placed = parse_placement(priority)
-                if placed is not None:
-                    priority, route = placed
+                if priority != last_slot:  # a batch's tasks mostly share one: parse it once
+                    last_slot, last_placed = priority, parse_placement(priority)
+                if last_placed is not None:
+                    priority, route = last_placed
             if type(task_id) is not int or type(priority) is not int or payload is None:
                 malformed += 1
                 if type(task_id) is int:
