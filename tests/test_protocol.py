@@ -21,6 +21,7 @@ VALID = {
     Kind.STATUS_REQUEST: ("tcp://127.0.0.1:5001",),
     Kind.AUDIT: (b"\x01" * 8, "tcp://127.0.0.1:5000", [1, 2]),
     Kind.MISSING: (123456, [2]),
+    Kind.EVENTS: (7, 1.5, [["done", "w", [1, 2]]]),
     Kind.WELCOME: (123456, 0.5),
     Kind.ACCEPTED: (123456, [1, 2]),
     Kind.REJECTED: (123456, [1, "why"]),

@@ -332,6 +332,32 @@ def status(address: str, as_json: bool, timeout_s: float, curve_dir: str | None,
         click.echo(f"bad input dropped: {info['bad_input']}")
 
 
+@main.command()
+@click.argument("address")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="Stop after this many lines.")
+@click.option("--timeout-s", type=float, default=10.0, show_default=True,
+              help="Give up if the scheduler does not answer within this long.")
+@curve_option
+@log_level_option
+def events(address: str, count: int | None, timeout_s: float, curve_dir: str | None, curve_name: str) -> None:
+    """Follow the fabric at ADDRESS live: one JSON object a line per task and worker event."""
+    from .client import Client
+
+    async def run() -> None:
+        printed = 0
+        async with Client(address, timeout_s=timeout_s, curve=_curve(curve_dir, curve_name)) as client:
+            async for event in client.events():
+                click.echo(json.dumps(event))
+                printed += 1
+                if count is not None and printed >= count:
+                    return
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        pass
+
+
 def _equipment(entry: dict[str, Any]) -> str:
     """"tags gpu, eu and resources gpu=2" from a status entry's tags and resources."""
     from .routing import make_route

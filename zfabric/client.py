@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import zmq
 
@@ -350,7 +350,8 @@ class Client(Submitter, Service):
 
     def _hello(self) -> None:
         try:
-            self._intake.send(encode(ClientHello(self._client_id, self.sink_address)), zmq.NOBLOCK)
+            self._intake.send(encode(ClientHello(self._client_id, self.sink_address, dict(self.bad_input.counts))),
+                              zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet; the ticker says hello again
 
@@ -388,6 +389,16 @@ class Client(Submitter, Service):
         self._status_waiters.append(fut)
         self._to_scheduler.send(encode(StatusRequest(self.sink_address)))
         return await asyncio.wait_for(fut, timeout_s)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The fabric's events as they happen: dicts with ``event`` (``submitted``, ``dispatched``, ``done``,
+        ``failed``, ``cancelled``, ``redelivered``, ``retried``, ``worker-joined``, ``worker-lost``,
+        ``worker-draining``, ``worker-left``; ``lost`` when this follower fell behind), ``t`` and ``task`` or
+        ``worker``. Events before the subscription took hold are not seen."""
+        from .follow import follow
+        status = await self.status(self.config.timeout_s)
+        async for event in follow(self.config, status):
+            yield event
 
     @property
     def pending(self) -> int:

@@ -61,6 +61,7 @@ class Kind(IntEnum):
     HEARTBEAT = 13        # scheduler -> client and worker
     STATUS_REPLY = 14     # scheduler -> requester
     MISSING = 15          # scheduler -> client: these audited tasks are not held here
+    EVENTS = 16           # scheduler -> event subscribers (XPUB): what changed since the last EVENTS
     RESULT = 20           # worker (or scheduler) -> client sink
     WORKER_HELLO = 30     # worker -> scheduler: register, with free slots (credit)
     DONE = 32             # worker -> scheduler: finished ids, credit back, retries
@@ -92,9 +93,10 @@ buffer protocol). This module never needs to know which."""
 # after the envelope and are named in it by number (see `payload_of`).
 
 class ClientHello(NamedTuple):
-    """client -> scheduler intake: register, and the client's heartbeat."""
+    """client -> scheduler intake: register, and the client's heartbeat (with its bad-input counts, if any)."""
     client_id: bytes
     sink: str
+    bad_input: dict = {}
 
 
 class Submit(NamedTuple):
@@ -161,6 +163,13 @@ class StatusReply(NamedTuple):
     status: dict
 
 
+class Events(NamedTuple):
+    """scheduler -> event subscriber: ``events`` (see `zfabric.events`), numbered from ``first_seq``."""
+    first_seq: int
+    time: float
+    events: list
+
+
 class Missing(NamedTuple):
     """scheduler -> client sink: these audited ids are not held here."""
     epoch: int
@@ -193,12 +202,14 @@ class Done(NamedTuple):
     finished: list
     n_failed: int
     retries: list
+    errors: list = []  # flat [id, type name, message, ...] of (at most 100 of) the failed
 
 
 class WorkerHeartbeat(NamedTuple):
-    """worker -> scheduler: alive, and the last DONE seq sent."""
+    """worker -> scheduler: alive, the last DONE seq sent (and its bad-input counts, if any)."""
     session: int
     done_seq: int
+    bad_input: dict = {}
 
 
 class Drain(NamedTuple):
@@ -239,6 +250,7 @@ MESSAGES: dict[Kind, Any] = {
     Kind.HEARTBEAT: Heartbeat,
     Kind.STATUS_REPLY: StatusReply,
     Kind.MISSING: Missing,
+    Kind.EVENTS: Events,
     Kind.RESULT: Result,
     Kind.WORKER_HELLO: WorkerHello,
     Kind.DONE: Done,
@@ -263,7 +275,7 @@ _OPTIONAL = {kind: len(cls._field_defaults) for kind, cls in MESSAGES.items()
              if kind not in _CARRIES_FRAMES and cls._field_defaults}
 """Kinds whose last fields may be left out (they are, when empty): older senders omit them."""
 Frameless = (ClientHello | Cancel | ClientBye | StatusRequest | Audit | Welcome | Accepted | Rejected | Heartbeat
-             | StatusReply | Missing | WorkerHello | Done | WorkerHeartbeat | Drain | WorkerBye | Register)
+             | StatusReply | Events | Missing | WorkerHello | Done | WorkerHeartbeat | Drain | WorkerBye | Register)
 Message = Frameless | Submit | Result | Dispatch
 
 _KINDS = {int(k): k for k in Kind}

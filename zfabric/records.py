@@ -54,6 +54,7 @@ class WorkerRecord:
     done: int = 0
     equipment: Equipment = field(default_factory=Equipment)  # its tags, resources, and what its tasks hold
     overcommitted: bool = False  # it runs routed tasks it could not have been given (adopted after a restart)
+    bad_input: dict[str, int] = field(default_factory=dict)  # malformed input it saw, as its heartbeat says
 
 
 @dataclass(eq=False)
@@ -63,6 +64,7 @@ class ClientRecord:
     last_seen: float
     tasks: set[Task] = field(default_factory=set)
     accepted: list[int] = field(default_factory=list)  # acknowledged in batches by `tick`
+    bad_input: dict[str, int] = field(default_factory=dict)  # malformed input it saw, as its hello says
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from . import transport
+from . import events, transport
 from .config import FabricAddress, SchedulerConfig
 from .errors import ConfigError
 from .protocol import Kind, StatusReply, Wire, encode
@@ -33,6 +33,9 @@ _WORKER_KINDS = (Kind.WORKER_HELLO, Kind.DONE, Kind.WORKER_HEARTBEAT, Kind.DRAIN
 TICK_S = 0.1
 STATUS_SOCKETS = 16
 """Sockets kept for status replies to addresses that are not a client's sink."""
+EVENTS_HWM = 200
+"""EVENTS messages queued per follower; a slower one loses the rest (and is told how many records)."""
+MAX_TOPICS = 1000
 
 
 class Scheduler(Service):
@@ -49,6 +52,9 @@ class Scheduler(Service):
         self._status_socks: dict[str, zmq.Socket] = {}
         self._started = time.monotonic()
         self.dropped_to_clients = 0
+        self.events_address = ""
+        self._topics: set[bytes] = set()  # subscriptions to the event stream (b"": everything)
+        self._event_seq = 0
         self._rate_samples: deque[tuple[float, int, int]] = deque(maxlen=int(5 / TICK_S))  # the last 5 s
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -80,10 +86,21 @@ class Scheduler(Service):
         except (zmq.ZMQError, OSError) as exc:
             raise ConfigError(f"cannot listen on {address.intake} and {address.workers}: {exc} "
                               "(is another scheduler running there? pick another --bind port)") from None
+        self._xpub = transport.make_socket(zmq.XPUB, connect=False, sndhwm=EVENTS_HWM, rcvhwm=1000,
+                                           heartbeat_ms=hb_ms)
+        if self._curve is not None:
+            self._curve.serve(self._xpub, "clients")
+        if address.host is None:
+            self.events_address = f"{address.intake}.events"
+            self._xpub.bind(self.events_address)
+        else:
+            host = self.address.rsplit(":", 1)[0]
+            self.events_address = f"{host}:{self._xpub.bind_to_random_port(host)}"
         epoch = int.from_bytes(os.urandom(6), "big")
         self.state = SchedulerState(cfg, epoch)
         readers = [transport.Reader(self._intake, self._on_intake, "intake", self.bad_input),
-                   transport.Reader(self._router, self._on_router, "workers", self.bad_input, routed=True)]
+                   transport.Reader(self._router, self._on_router, "workers", self.bad_input, routed=True),
+                   transport.Reader(self._xpub, self._on_subscription, "event followers", self.bad_input)]
         self._readers = readers
         self._tasks = [asyncio.create_task(r.run(self._stop)) for r in readers]
         self._tasks.append(asyncio.create_task(self._ticker()))
@@ -93,6 +110,7 @@ class Scheduler(Service):
     async def stop(self) -> None:
         await self._end_tasks()
         transport.close_all([getattr(self, "_intake", None), getattr(self, "_router", None),
+                             getattr(self, "_xpub", None),
                              *(s.sock for s in self._sinks.values()), *self._status_socks.values()])
         self._status_socks.clear()
         self._sinks.clear()
@@ -111,7 +129,7 @@ class Scheduler(Service):
                 state.dispatch()  # each batch moves on at once: workers start while more arrive
                 self._flush_outbox()
             elif kind == Kind.CLIENT_HELLO:
-                state.client_hello(f[0], f[1], now)
+                state.client_hello(f.client_id, f.sink, now, f.bad_input)
             elif kind == Kind.CANCEL:
                 state.cancel(f[0], f[2], now)
             elif kind == Kind.CLIENT_BYE:
@@ -129,9 +147,9 @@ class Scheduler(Service):
         now = time.monotonic()
         for wid, kind, f in transport.messages(batch, _WORKER_KINDS, self.bad_input, "worker", routed=True):
             if kind == Kind.DONE:
-                state.worker_done(wid, f[0], f[1], f[2], f[3], f[4], f[5], now)
+                state.worker_done(wid, f[0], f[1], f[2], f[3], f[4], f[5], now, f.errors)
             elif kind == Kind.WORKER_HEARTBEAT:
-                state.worker_heartbeat(wid, f[0], f[1], now)
+                state.worker_heartbeat(wid, f[0], f[1], now, f.bad_input)
             elif kind == Kind.WORKER_HELLO:
                 problem = state.worker_hello(wid, f.name, f.session, f.free, f.running, f.pid, f.host, now,
                                              f.tags, f.resources)
@@ -143,11 +161,47 @@ class Scheduler(Service):
                 state.worker_bye(wid, now)
         self._flush_outbox()
 
+    def _on_subscription(self, batch: list[list[Any]]) -> None:
+        """XPUB subscribe (``\x01topic``) and unsubscribe (``\x00topic``, also when a follower goes): the
+        state machine records events only while some subscription stands."""
+        state = self.state
+        assert state is not None
+        for frames in batch:
+            frame = frames[0] if len(frames) == 1 else None
+            if type(frame) is not bytes or frame[:1] not in (b"\x00", b"\x01") or len(frame) > 256:
+                self.bad_input("bad event subscription", "", f"{len(frames)} frames")
+                continue
+            if frame[0] == 1 and len(self._topics) < MAX_TOPICS:
+                self._topics.add(frame[1:])
+            elif frame[0] == 0:
+                self._topics.discard(frame[1:])
+        if self._topics and state.events is None:
+            state.events = []
+            log.info("an event follower subscribed; recording events")
+        elif not self._topics and state.events is not None:
+            state.events = None
+            log.info("no event follower left; not recording events")
+
     # ---- output ---------------------------------------------------------------------------
+
+    def _publish_events(self) -> None:
+        state = self.state
+        assert state is not None
+        records, state.events = state.events or [], []
+        now = time.time()
+        for message in events.messages(self._event_seq, now, records):
+            try:
+                self._xpub.send(message, zmq.NOBLOCK)  # over a follower's HWM libzmq drops: never blocks
+            except zmq.ZMQError as exc:
+                self.bad_input("event publication", "", str(exc))
+        self._event_seq += events.count_records(records)
+        self._readers[2].after_send()
 
     def _flush_outbox(self) -> None:
         state = self.state
         assert state is not None
+        if state.events:
+            self._publish_events()
         if not state.outbox:
             return
         while state.outbox:
@@ -260,6 +314,9 @@ class Scheduler(Service):
         status["uptime_s"] = round(time.monotonic() - self._started, 3)
         status["bad_input"] = dict(self.bad_input.counts)
         status["dropped_to_clients"] = self.dropped_to_clients
+        status["events"] = self.events_address
+        wall = time.time() - time.monotonic()
+        status["recent_failures"] = [{**f, "t": round(f["t"] + wall, 3)} for f in status["recent_failures"]]
         if len(self._rate_samples) >= 2:
             (t0, done0, sub0), (t1, done1, sub1) = self._rate_samples[0], self._rate_samples[-1]
             status["rate_per_s"] = round((done1 - done0) / max(t1 - t0, 1e-9), 1)

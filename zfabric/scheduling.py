@@ -15,8 +15,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+from collections import deque
 from typing import Any
 
+from . import events as ev
 from .config import SchedulerConfig
 from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_PAYLOAD_FRAMES, PAYLOAD_FRAME_BYTES, Accepted, Cancel, Dispatch, Heartbeat, Wire,
                        Missing, Register, Rejected, Result, Status, Welcome, attach, encode, encode_error,
@@ -42,12 +44,24 @@ DISPATCHES_PER_S = 100
 at both ends) stop growing with the number of workers. Slow tasks finish at a low rate: they keep the
 floor at `MIN_SHARE` and spread as widely as before."""
 MAX_SHARE = MAX_BATCH_TASKS // 2
+RECENT_FAILURES = 20
+"""Failures kept for `status` (with their errors, as the workers reported them)."""
+MAX_ERRORS_PER_DONE = 100
 MAX_ROUTES = 64
 """Most different routes (tag and resource sets) held at once: each one costs every dispatch a look."""
 """The floor's ceiling: half a DISPATCH, so even the fastest stream goes to two workers at a time or more."""
 
 Outgoing = tuple[str, Any, Wire]
 """("worker", routing_id, frame) or ("client", sink_address, frame) or ("close", sink_address, b"")."""
+
+
+def counts_or_empty(counts: Any) -> dict[str, int]:
+    """A peer's bad-input counts as it reported them, if they are that (``{str: int}``, at most 32); else {}."""
+    if type(counts) is not dict or len(counts) > 32:
+        return {}
+    if all(type(k) is str and len(k) <= 64 and type(v) is int and v >= 0 for k, v in counts.items()):
+        return counts
+    return {}
 
 
 class SchedulerState:
@@ -75,6 +89,10 @@ class SchedulerState:
         self.finish_rate = 0.0  # tasks finished per second, smoothed over ticks (see DISPATCHES_PER_S)
         self._rate_mark: tuple[float, int] | None = None  # (now, tasks finished) at the last tick
         self.refused_clients = 0  # evicted to make room, or refused for lack of it
+        self.events: list[ev.Record] | None = None
+        """What changed, while someone follows the event stream (the driver sets a list and takes it)."""
+        self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
+        self._now = 0.0  # of the last tick, for what happens outside an event that brings its time
 
     # ---- indexes --------------------------------------------------------------------------
 
@@ -180,8 +198,10 @@ class SchedulerState:
                 return True
         return False
 
-    def client_hello(self, cid: bytes, sink: str, now: float) -> None:
-        self._client(cid, sink, now)
+    def client_hello(self, cid: bytes, sink: str, now: float, bad_input: Any = None) -> None:
+        client = self._client(cid, sink, now)
+        if client is not None and bad_input:
+            client.bad_input = counts_or_empty(bad_input)
 
     def submit(self, cid: bytes, sink: str, results_to: str, flat: list[Any], now: float,
                frames: tuple[Any, ...] = ()) -> int:
@@ -194,6 +214,7 @@ class SchedulerState:
         if client is None:
             return 0
         accepted: list[int] = []
+        fresh: list[int] | None = [] if self.events is not None else None
         rejected: list[Any] = []
         malformed = 0
         tasks = self.tasks
@@ -245,8 +266,12 @@ class SchedulerState:
             else:
                 self._hold_route(task).push(task)
             accepted.append(task_id)
+            if fresh is not None:
+                fresh.append(task_id)
         if len(flat) % 3:
             malformed += 1
+        if fresh and self.events is not None:
+            self.events.append((ev.SUBMITTED, client.sink, fresh))
         self.counters.submitted += len(accepted)
         client.accepted += accepted
         if len(client.accepted) >= 10_000:
@@ -328,6 +353,8 @@ class SchedulerState:
             else:
                 self.counters.cancelled += 1
             self._forget(task)
+        if self.events is not None and tasks:
+            self.events.append((ev.CANCELLED, "", [t.id for t in tasks]))
         for wid, wids in by_worker.items():
             self.outbox.append(("worker", wid, encode(Cancel(b"", "", wids))))
 
@@ -388,6 +415,8 @@ class SchedulerState:
         log.info("worker %s registered (%s, pid %d on %s, %d free slots%s)", wid.hex(), name, pid, host, free,
                  "".join(f", {what}" for what in [equipment.describe()] if what))
         self.outbox.append(("worker", wid, encode(Heartbeat(self.epoch, session, 0))))
+        if self.events is not None:
+            self.events.append((ev.WORKER_JOINED, name, [host, pid]))
         self.dispatch()
         return problem
 
@@ -400,21 +429,22 @@ class SchedulerState:
         return worker
 
     def worker_done(self, wid: bytes, session: int, seq: int, credit: int, finished: list[Any], n_failed: int,
-                    retries: list[Any], now: float) -> None:
+                    retries: list[Any], now: float, errors: list[Any] = []) -> None:
         worker = self._known_worker(wid, now)
         if worker is None:
             return  # a peer we do not know finishes nothing: it is asked to register
         self._gained[worker] = None
         if session != worker.session:
             # A stale session still reports finished tasks: their results reached the client.
-            self._finish(worker, finished, n_failed)
+            self._finish(worker, finished, n_failed, errors, now)
             return
         if seq != worker.done_seq + 1:
             log.warning("worker %s: DONE %d after %d, messages were lost; asking it to re-register",
                         wid.hex(), seq, worker.done_seq)
             self.outbox.append(("worker", wid, encode(Register(self.epoch))))
         worker.done_seq = seq
-        worker.done += self._finish(worker, finished, n_failed)
+        worker.done += self._finish(worker, finished, n_failed, errors, now)
+        retried: list[int] = []
         for i in range(0, len(retries) - 1, 2):
             task = self.tasks.get(retries[i]) if type(retries[i]) is int else None
             delay = retries[i + 1]
@@ -424,14 +454,20 @@ class SchedulerState:
             task.tries += 1
             self.counters.retried += 1
             self._queue_of(task).delay(task, now + max(0.0, min(float(delay), 3600.0)))
+            retried.append(task.id)
+        if retried and self.events is not None:
+            self.events.append((ev.RETRIED, worker.name, retried))
         self._set_free(worker, worker.free + max(0, min(credit, MAX_SLOTS_PER_WORKER)))
         self.dispatch()
 
-    def _finish(self, worker: WorkerRecord, finished: list[Any], n_failed: Any) -> int:
-        """Finish the tasks of `finished` that run on `worker` (nobody else's); returns how many."""
+    def _finish(self, worker: WorkerRecord, finished: list[Any], n_failed: Any, errors: list[Any] = [],
+                now: float = 0.0) -> int:
+        """Finish the tasks of `finished` that run on `worker` (nobody else's); returns how many. ``errors``
+        (flat ``[id, type, message, ...]``) says which failed and why, for `recent_failures` and events."""
         tasks = self.tasks
         n = 0
         releasing = worker.releasing
+        ours: list[int] | None = [] if self.events is not None or errors else None
         for task_id in finished:
             if type(task_id) is not int:
                 continue
@@ -449,9 +485,13 @@ class SchedulerState:
                 task.client.tasks.discard(task)
                 self._detach(task)
                 n += 1
+                if ours is not None:
+                    ours.append(task_id)
             elif task_id in worker.abandoned:
                 worker.abandoned.discard(task_id)
                 n += 1
+                if ours is not None:
+                    ours.append(task_id)
             elif task_id in worker.orphans:
                 worker.orphans.discard(task_id)
                 if self._orphans.get(task_id) is worker:
@@ -459,10 +499,35 @@ class SchedulerState:
         failed = min(n, n_failed) if type(n_failed) is int and n_failed > 0 else 0
         self.counters.failed += failed
         self.counters.done += n - failed
+        if ours:
+            self._report_finished(worker, ours, errors, now)
         return n
 
-    def worker_heartbeat(self, wid: bytes, session: int, done_seq: int, now: float) -> None:
+    def _report_finished(self, worker: WorkerRecord, ours: list[int], errors: list[Any], now: float) -> None:
+        """Failures (only of tasks this DONE finished here) into `recent_failures`, and the events."""
+        failures: list[Any] = []
+        if errors:
+            mine = set(ours)
+            for i in range(0, min(len(errors), 3 * MAX_ERRORS_PER_DONE) - 2, 3):
+                task_id, type_name, message = errors[i], errors[i + 1], errors[i + 2]
+                if type(task_id) is int and task_id in mine and type(type_name) is str and type(message) is str:
+                    mine.discard(task_id)
+                    type_name, message = type_name[:100], message[:300]
+                    failures += (task_id, type_name, message)
+                    self.recent_failures.append({"task": task_id, "worker": worker.name, "type": type_name,
+                                                 "message": message, "t": now})
+        if self.events is not None:
+            if failures:
+                failed_ids = set(failures[0::3])
+                self.events.append((ev.DONE, worker.name, [i for i in ours if i not in failed_ids]))
+                self.events.append((ev.FAILED, worker.name, failures))
+            else:
+                self.events.append((ev.DONE, worker.name, ours))
+
+    def worker_heartbeat(self, wid: bytes, session: int, done_seq: int, now: float, bad_input: Any = None) -> None:
         worker = self._known_worker(wid, now)
+        if worker is not None and bad_input:
+            worker.bad_input = counts_or_empty(bad_input)
         if worker is not None and session == worker.session and done_seq != worker.done_seq:
             log.warning("worker %s sent DONE %d but %d arrived last; asking it to re-register",
                         wid.hex(), done_seq, worker.done_seq)
@@ -477,6 +542,8 @@ class SchedulerState:
         back = {t for t in handed_back if type(t) is int}
         self._requeue_all([t for t in worker.tasks if t.id in back], died=False)
         log.info("worker %s draining; %d tasks handed back", wid.hex(), len(back))
+        if self.events is not None:
+            self.events.append((ev.WORKER_DRAINING, worker.name, len(back)))
         self.dispatch()
 
     def worker_bye(self, wid: bytes, now: float) -> None:
@@ -484,6 +551,8 @@ class SchedulerState:
         if worker is not None:
             self._remove_worker(worker)
             log.info("worker %s left; %d tasks go back to the queue", wid.hex(), len(worker.tasks))
+            if self.events is not None:
+                self.events.append((ev.WORKER_LEFT, worker.name, ""))
             self._requeue_all(worker.tasks, died=False)
             self.dispatch()
 
@@ -497,6 +566,8 @@ class SchedulerState:
         # not a warning.
         (log.warning if worker.tasks else log.info)("worker %s (%s, pid %d) lost: %s; redelivering %d tasks",
                                                     wid.hex(), worker.name, worker.pid, why, len(worker.tasks))
+        if self.events is not None:
+            self.events.append((ev.WORKER_LOST, worker.name, why))
         self._requeue_all(worker.tasks, died=True)
         self.dispatch()
 
@@ -510,8 +581,13 @@ class SchedulerState:
         """
         front: list[Task] = []
         suspect_after = max(1, self.config.max_deaths - 1)
+        moved: list[int] | None = [] if self.events is not None else None
+        who = ""
         for task in sorted(tasks, key=lambda t: t.id):
             isolated = task.worker is not None and task.worker.suspect is task
+            if moved is not None:
+                who = task.worker.name if task.worker is not None else who
+                moved.append(task.id)
             self._detach(task)
             if died:
                 if isolated:
@@ -528,6 +604,8 @@ class SchedulerState:
                 front.append(task)
         for task in reversed(front):
             self._queue_of(task).push(task, front=True)
+        if moved and self.events is not None:
+            self.events.append((ev.REDELIVERED, who, moved))
 
     def _fail_lost(self, task: Task) -> None:
         self.counters.lost += 1
@@ -535,6 +613,10 @@ class SchedulerState:
                 f"{task.lost_alone} of them while it ran alone; it is probably killing them")
         self.outbox.append(("client", task.sink,
                             encode(Result([task.id, Status.LOST, encode_error("WorkerLost", text)]))))
+        self.recent_failures.append({"task": task.id, "worker": "", "type": "WorkerLost", "message": text,
+                                     "t": self._now})
+        if self.events is not None:
+            self.events.append((ev.FAILED, "", [task.id, "WorkerLost", text]))
         self._forget(task)
 
     # ---- dispatch -------------------------------------------------------------------------
@@ -680,6 +762,8 @@ class SchedulerState:
         """One DISPATCH: groups ``[sink, flat]``, or ``[sink, flat, 1]`` for tasks to run in a child process."""
         worker.dispatch_seq += 1
         groups = [[sink, flat, 1] if isolate else [sink, flat] for sink, flat in by_sink.items()]
+        if self.events is not None:
+            self.events.append((ev.DISPATCHED, worker.name, [i for flat in by_sink.values() for i in flat[0::3]]))
         self.outbox.append(("worker", worker.wid,
                             encode(Dispatch(self.epoch, worker.session, worker.dispatch_seq, groups, tuple(frames)))))
 
@@ -688,6 +772,7 @@ class SchedulerState:
     def tick(self, now: float) -> None:
         """Heartbeats out, silent peers expired, due retries queued, the finishing rate sampled."""
         timing = self.config.timing
+        self._now = now
         finished = self.counters.done + self.counters.failed
         if self._rate_mark is not None and now > self._rate_mark[0]:
             sample = (finished - self._rate_mark[1]) / (now - self._rate_mark[0])
@@ -800,8 +885,12 @@ class SchedulerState:
             "epoch": self.epoch,
             "workers": [
                 {"id": w.wid.hex(), "name": w.name, "pid": w.pid, "host": w.host, "free": w.free,
-                 "running": len(w.tasks), "done": w.done, "draining": w.draining, **w.equipment.status()}
+                 "running": len(w.tasks), "done": w.done, "draining": w.draining, "bad_input": w.bad_input,
+                 **w.equipment.status()}
                 for w in self.workers.values()],
+            "client_list": [{"sink": c.sink, "tasks": len(c.tasks), "bad_input": c.bad_input}
+                            for c in self.clients.values()],
+            "recent_failures": list(self.recent_failures),
             "waiting": self.waiting(),
             "clients": len(self.clients),
             "evicted_or_refused_clients": self.refused_clients,

@@ -36,8 +36,8 @@ from .execution import (
     retry_delay,
 )
 from .isolation import ChildPool
-from .protocol import (Done, Drain, Kind, Status, WorkerBye, WorkerHeartbeat, WorkerHello, decode_call, encode,
-                       encode_error)
+from .protocol import (Done, Drain, Kind, Status, WorkerBye, WorkerHeartbeat, WorkerHello, decode_call,
+                       decode_error, encode, encode_error)
 from .registry import NotAllowed, Registry
 from .results import ResultRouter
 from .routing import checked_route
@@ -177,7 +177,7 @@ class Worker(Service):
             if type(command) is SendDone:
                 self._results.flush()  # the results first: the DONE makes the scheduler forget these tasks
                 self._tell_scheduler(encode(Done(command.session, command.seq, command.credit, command.finished,
-                                                 command.n_failed, command.retries)))
+                                                 command.n_failed, command.retries, command.errors)))
             elif type(command) is Interrupt:
                 self._interrupt(command.task_id, command.run)
             elif type(command) is SendHello:
@@ -331,7 +331,7 @@ class Worker(Service):
     def _complete(self, task_id: int, run: int, sink: str, status: int, data: bytes | memoryview, failed: bool = False) -> None:
         """Finish this run of a task, once: its result to its sink, its slot back in the next DONE."""
         state = self.state
-        if not state.finish(task_id, run, failed):
+        if not state.finish(task_id, run, failed, _error_of(data) if failed else None):
             return  # finished already (cancelled, handed back at drain): a late outcome changes nothing
         if self._runners:
             self._runners.pop(task_id, None)
@@ -383,7 +383,8 @@ class Worker(Service):
                     self._to_scheduler.flush()
                 elif now - self._last_sent >= timing.heartbeat_s:  # a DONE just sent said as much
                     try:  # a heartbeat that cannot go now is useless later: never queue it
-                        self._dealer.send(encode(WorkerHeartbeat(state.session, state.done_seq)), zmq.NOBLOCK)
+                        self._dealer.send(encode(WorkerHeartbeat(state.session, state.done_seq,
+                                                                  dict(self.bad_input.counts))), zmq.NOBLOCK)
                     except zmq.Again:
                         pass
             state.tick(now)
@@ -391,3 +392,12 @@ class Worker(Service):
             self._reader.wake()
             self._results.close_idle(now)
             await asyncio.sleep(tick_s)
+
+
+def _error_of(data: Any) -> tuple[str, str] | None:
+    """A failure's (type, message) from its error payload, for the scheduler's status and events."""
+    try:
+        type_name, message, _ = decode_error(data)
+    except ProtocolError:
+        return None
+    return type_name, message

@@ -26,10 +26,13 @@ the driver's; whether a task counts as finished is decided here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .protocol import MAX_BATCH_TASKS, Buffer, payload_of
+
+MAX_ERRORS = 100
+"""Failures whose type and message one DONE carries (the rest are only counted)."""
 
 log = logging.getLogger("zfabric.worker")
 
@@ -54,6 +57,7 @@ class SendDone:
     finished: list[int]
     n_failed: int
     retries: list[Any]  # flat [id, delay_s, ...]
+    errors: list[Any] = field(default_factory=list)  # flat [id, type, message, ...] of failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,7 @@ class WorkerState:
         self.running: dict[int, Running] = {}
         self.next_run = 1
         self.finished: list[int] = []
+        self.errors: list[Any] = []  # why some of `finished` failed (at most MAX_ERRORS a DONE)
         self.retries: list[Any] = []
         self.credit = 0
         self.n_failed = 0
@@ -137,7 +142,7 @@ class WorkerState:
         self.done_seq = 0
         self.registered = False
         self.last_hello = now
-        self.finished, self.retries, self.credit, self.n_failed = [], [], 0, 0
+        self.finished, self.retries, self.credit, self.n_failed, self.errors = [], [], 0, 0, []
         free = 0 if self.draining else max(0, self.concurrency - len(self.running))
         self.seen_free = free
         self.withheld = self.concurrency - free - len(self.running)
@@ -249,9 +254,9 @@ class WorkerState:
         entry = self.running.get(task_id)
         return None if entry is None else entry[1]
 
-    def finish(self, task_id: int, run: int, failed: bool) -> bool:
+    def finish(self, task_id: int, run: int, failed: bool, error: tuple[str, str] | None = None) -> bool:
         """A run ended with a result (the driver sends it to its sink if this says True); its slot goes back
-        in the next DONE."""
+        in the next DONE, and a failure's ``(type, message)`` with it (for the fabric's status and events)."""
         entry = self.running.get(task_id)
         if entry is None or entry[0] != run:
             return False
@@ -261,6 +266,8 @@ class WorkerState:
         if failed:
             self.n_failed += 1
             self.counts["failed"] += 1
+            if error is not None and len(self.errors) < 3 * MAX_ERRORS:
+                self.errors += (task_id, error[0][:100], error[1][:300])
         else:
             self.counts["done"] += 1
         return True
@@ -297,9 +304,9 @@ class WorkerState:
     def _done(self) -> None:
         self.done_seq += 1
         self.commands.append(SendDone(self.session, self.done_seq, self.credit, self.finished, self.n_failed,
-                                      self.retries))
+                                      self.retries, self.errors))
         self.seen_free += self.credit
-        self.finished, self.retries, self.credit, self.n_failed = [], [], 0, 0
+        self.finished, self.retries, self.credit, self.n_failed, self.errors = [], [], 0, 0, []
 
     # ---- leaving --------------------------------------------------------------------------
 
