@@ -70,7 +70,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 for task_id in self.on[dest]:
                     route = self.route_of[task_id]
                     assert route is None or route.tags <= set(tags), f"task for {route.describe()} on {dest!r}"
-                used = sum(dict(r.needs).get("gpu", 0) for r in map(self.route_of.get, self.on[dest]) if r)
+                used = sum(r.amounts().get("gpu", 0) for r in map(self.route_of.get, self.on[dest]) if r)
                 assert used <= resources.get("gpu", 0) + 1e-9, f"{dest!r} runs tasks needing {used} gpu"
         self.s.outbox.clear()
         self._check_no_task_waits_for_room()
@@ -160,6 +160,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.seq[worker] += 1
         self.s.worker_done(worker, self.session[worker], self.seq[worker], len(ids), ids, min(failed, len(ids)), [],
                            self.now)
+        self._collect()
+        self._step()
+
+    @precondition(lambda self: any(self.on.get(w) for w in self.session))
+    @rule(data=st.data(), delay=st.sampled_from([0.0, 0.3, 2.0]))
+    def worker_retries(self, data: st.DataObject, delay: float) -> None:
+        """Tasks fail with an error they retry on: they leave the worker and come back after `delay`."""
+        worker = data.draw(st.sampled_from([w for w in self.session if self.on.get(w)]))
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.on[worker])), min_size=1, max_size=3, unique=True))
+        self.on[worker].difference_update(ids)
+        self.busy[worker] -= len(ids)
+        self.seq[worker] += 1
+        self.s.worker_done(worker, self.session[worker], self.seq[worker], len(ids), [], 0,
+                           [x for i in ids for x in (i, delay)], self.now)
         self._collect()
         self._step()
 

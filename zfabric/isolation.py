@@ -83,7 +83,7 @@ class ChildPool:
         self._all.add(child)
         return child
 
-    async def run(self, payload: Any, tries: int, timeout_s: float | None) -> tuple[int, bytes, float | None]:
+    async def run(self, payload: Any, tries: int, timeout_s: float | None) -> tuple[int, bytes | memoryview, float | None]:
         """(status, payload, retry delay or None); a TIMEOUT when the call overran and its child was killed,
         LOST when the call killed its child."""
         async with self._slots:

@@ -99,9 +99,9 @@ class TaskQueue:
 
 class RoutedQueue:
     """The tasks held for one route (tags and resources): their own queue, and the workers that could take
-    them, recomputed when workers come or go."""
+    them (``eligible_set`` the live ones; ``eligible`` in joining order, departed ones dropped lazily)."""
 
-    __slots__ = ("route", "queue", "held", "eligible", "eligible_set", "generation", "turn", "blocked")
+    __slots__ = ("route", "queue", "held", "eligible", "eligible_set", "turn", "blocked")
 
     def __init__(self, route: Route, tasks: dict[int, Task]) -> None:
         self.route = route
@@ -109,7 +109,6 @@ class RoutedQueue:
         self.held = 0  # tasks held with this route, in any state: the record goes when none is left
         self.eligible: list[WorkerRecord] = []
         self.eligible_set: set[WorkerRecord] = set()
-        self.generation = -1  # of the worker set `eligible` was computed for
         self.turn = 0  # which eligible worker a dispatch starts at, so equal workers take turns
         self.blocked = False
         """Tasks wait and no eligible worker had room for one at the last dispatch: until one gains room

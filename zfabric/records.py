@@ -65,6 +65,7 @@ class ClientRecord:
     tasks: set[Task] = field(default_factory=set)
     accepted: list[int] = field(default_factory=list)  # acknowledged in batches by `tick`
     bad_input: dict[str, int] = field(default_factory=dict)  # malformed input it saw, as its hello says
+    routes: dict[Route, int] = field(default_factory=dict)  # its held tasks that need tags or resources
 
 
 @dataclass

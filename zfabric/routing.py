@@ -20,26 +20,36 @@ MAX_TAGS = 16
 MAX_TAG_CHARS = 64
 MAX_RESOURCES = 16
 MAX_AMOUNT = 1e15
-EPSILON = 1e-9
-"""Slack for float resources: 0.1 + 0.2 of a resource of 0.3 still fits."""
+UNIT = 1_000_000
+"""Amounts are counted in millionths, as integers: holding and releasing them in any order adds up exactly
+(floats drift: 0.1 + 0.2 - 0.1 - 0.2 is not 0)."""
 
 
 class Route(NamedTuple):
     """What a task asks of its worker: tags it must have, and amounts of resources it holds while it runs."""
     tags: frozenset[str]
-    needs: tuple[tuple[str, float], ...]  # sorted by name
+    needs: tuple[tuple[str, int], ...]  # (name, amount in `UNIT`s), sorted by name
+
+    def amounts(self) -> dict[str, float]:
+        return {name: amount(units) for name, units in self.needs}
 
     def describe(self) -> str:
         parts = []
         if self.tags:
             parts.append("tags " + ", ".join(sorted(self.tags)))
         if self.needs:
-            parts.append("resources " + ", ".join(f"{name}={_number(amount)}" for name, amount in self.needs))
+            parts.append("resources " + ", ".join(f"{name}={value}" for name, value in self.amounts().items()))
         return " and ".join(parts) or "nothing"
 
 
-def _number(amount: float) -> str:
-    return str(int(amount)) if float(amount).is_integer() else repr(amount)
+def units(value: float) -> int:
+    return round(value * UNIT)
+
+
+def amount(count: int) -> float:
+    """A count of `UNIT`s as the amount people wrote: an int where it is whole."""
+    whole, part = divmod(count, UNIT)
+    return whole if not part else count / UNIT
 
 
 def check_tags(tags: Any, what: str = "tags") -> frozenset[str] | str:
@@ -64,13 +74,14 @@ def check_resources(resources: Any, what: str = "resources") -> dict[str, float]
     if len(resources) > MAX_RESOURCES:
         return f"{what}: {len(resources)} given, at most {MAX_RESOURCES}"
     out: dict[str, float] = {}
-    for name, amount in resources.items():
+    for name, value in resources.items():
         if type(name) is not str or not 0 < len(name) <= MAX_TAG_CHARS or not name.isprintable() \
                 or "," in name or "=" in name:
             return f"{what}: {str(name)[:MAX_TAG_CHARS]!r} is not a resource name"
-        if type(amount) not in (int, float) or not (0 < amount <= MAX_AMOUNT) or not math.isfinite(amount):
-            return f"{what}: {name} must be a positive number (at most {MAX_AMOUNT:g}), got {str(amount)[:40]}"
-        out[name] = amount
+        if type(value) not in (int, float) or not (1 / UNIT <= value <= MAX_AMOUNT) or not math.isfinite(value):
+            return (f"{what}: {name} must be a number from {1 / UNIT:g} to {MAX_AMOUNT:g}, "
+                    f"got {str(value)[:40]}")
+        out[name] = value
     return out
 
 
@@ -88,7 +99,7 @@ def make_route(tags: Iterable[str], resources: dict[str, float]) -> Route | None
     """The route of checked tags and resources; None when it asks for nothing (any worker will do)."""
     if not tags and not resources:
         return None
-    return Route(frozenset(tags), tuple(sorted(resources.items())))
+    return Route(frozenset(tags), tuple(sorted((name, units(value)) for name, value in resources.items())))
 
 
 def parse_resources_spec(spec: str) -> dict[str, float]:
@@ -116,7 +127,7 @@ def placement(priority: int, route: Route | None) -> Any:
     """What a SUBMIT entry carries in its second slot: the priority, or ``[priority, tags, resources]``."""
     if route is None:
         return priority
-    return [priority, sorted(route.tags), dict(route.needs)]
+    return [priority, sorted(route.tags), route.amounts()]
 
 
 def parse_placement(slot: Any) -> tuple[int, Route | None] | None:
@@ -138,27 +149,27 @@ class Equipment:
 
     def __init__(self, tags: frozenset[str] = frozenset(), resources: dict[str, float] | None = None) -> None:
         self.tags = tags
-        self.resources = resources or {}
-        self.used: dict[str, float] = {}
+        self.resources = {name: units(value) for name, value in (resources or {}).items()}  # in `UNIT`s
+        self.used: dict[str, int] = {}
 
     def could_ever_take(self, route: Route) -> bool:
         """It has the tags, and each resource in at least the amount one task needs."""
         resources = self.resources
-        return self.tags >= route.tags and all(resources.get(name, 0) + EPSILON >= need for name, need in route.needs)
+        return self.tags >= route.tags and all(resources.get(name, 0) >= need for name, need in route.needs)
 
     def fits(self, route: Route) -> int:
         """How many more tasks of `route` its resources allow now (tags are `could_ever_take`'s to check)."""
         most = 1 << 62
         resources, used = self.resources, self.used
         for name, need in route.needs:
-            most = min(most, int((resources.get(name, 0) - used.get(name, 0) + EPSILON) // need))
+            most = min(most, (resources.get(name, 0) - used.get(name, 0)) // need)
         return max(0, most)
 
     def hold(self, route: Route, sign: int = 1) -> None:
         used = self.used
         for name, need in route.needs:
             left = used.get(name, 0) + sign * need
-            if left > EPSILON:
+            if left > 0:
                 used[name] = left
             else:
                 used.pop(name, None)
@@ -171,7 +182,8 @@ class Equipment:
         a budget of containers, see docs/PROTOCOL.md)."""
         if not self.tags and not self.resources:
             return {}
-        return {"tags": sorted(self.tags), "resources": dict(self.resources), "resources_used": dict(self.used)}
+        return {"tags": sorted(self.tags), "resources": {k: amount(v) for k, v in self.resources.items()},
+                "resources_used": {k: amount(v) for k, v in self.used.items()}}
 
     def over(self) -> bool:
-        return any(amount > self.resources.get(name, 0) + EPSILON for name, amount in self.used.items())
+        return any(count > self.resources.get(name, 0) for name, count in self.used.items())

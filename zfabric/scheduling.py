@@ -47,8 +47,10 @@ MAX_SHARE = MAX_BATCH_TASKS // 2
 RECENT_FAILURES = 20
 """Failures kept for `status` (with their errors, as the workers reported them)."""
 MAX_ERRORS_PER_DONE = 100
-MAX_ROUTES = 64
+MAX_ROUTES = 256
 """Most different routes (tag and resource sets) held at once: each one costs every dispatch a look."""
+MAX_ROUTES_PER_CLIENT = 16
+"""...and per client, so that one client cannot take them all."""
 """The floor's ceiling: half a DISPATCH, so even the fastest stream goes to two workers at a time or more."""
 
 Outgoing = tuple[str, Any, Wire]
@@ -77,7 +79,6 @@ class SchedulerState:
         self.outbox: list[Outgoing] = []
         self.queue = TaskQueue(self.tasks)  # tasks any worker may take
         self.routes: dict[Route, RoutedQueue] = {}  # tasks that need tags or resources, by what they need
-        self._generation = 0  # of the set of workers: routes recompute their eligible workers when it moves
         self._gained: dict[WorkerRecord, None] = {}  # workers that gained slots or resources since the last dispatch
         self._orphans: dict[int, WorkerRecord] = {}  # running on a worker, not (yet) resubmitted to us
         # Workers with free slots, most free first: a lazy max-heap of (-free, tiebreak, worker); an entry
@@ -116,10 +117,11 @@ class SchedulerState:
     def _release_route(self, task: Task) -> None:
         """A held task is gone: its route's record goes with the last one."""
         if task.route is not None:
-            routed = self.routes[task.route]
-            routed.held -= 1
-            if routed.held <= 0:
-                del self.routes[task.route]
+            client = task.client.routes
+            client[task.route] -= 1
+            if client[task.route] <= 0:
+                del client[task.route]
+            self.routes[task.route].held -= 1  # an empty route's record stays, for its next tasks
 
     @staticmethod
     def _detach(task: Task, still_running: bool = False) -> None:
@@ -157,7 +159,8 @@ class SchedulerState:
         """Take a worker out of every index (its tasks are the caller's to move)."""
         if self.workers.get(worker.wid) is worker:
             del self.workers[worker.wid]
-            self._generation += 1
+            for routed in self.routes.values():
+                routed.eligible_set.discard(worker)
         if not worker.draining:
             self.free_total -= worker.free
         worker.free = 0
@@ -239,10 +242,15 @@ class SchedulerState:
                                           "[priority, tags, resources], payload)")
                 continue
             held = tasks.get(task_id)
-            if held is None and route is not None and route not in self.routes and len(self.routes) >= MAX_ROUTES:
-                rejected += (task_id, f"the scheduler holds tasks of {MAX_ROUTES} different tag and resource sets, "
-                                      "its limit; wait for some to finish")
-                continue
+            if held is None and route is not None and route not in client.routes:
+                if len(client.routes) >= MAX_ROUTES_PER_CLIENT:
+                    rejected += (task_id, f"this client has tasks of {MAX_ROUTES_PER_CLIENT} different tag and "
+                                          "resource sets waiting or running, its limit; wait for some to finish")
+                    continue
+                if route not in self.routes and sum(q.held > 0 for q in self.routes.values()) >= MAX_ROUTES:
+                    rejected += (task_id, f"the scheduler holds tasks of {MAX_ROUTES} different tag and resource "
+                                          "sets, its limit; wait for some to finish")
+                    continue
             if held is None and task_id in self._orphans:
                 self._adopt(task_id, client, results_to or sink, priority, payload, route)
                 accepted.append(task_id)
@@ -286,8 +294,15 @@ class SchedulerState:
         assert task.route is not None
         routed = self.routes.get(task.route)
         if routed is None:
+            if len(self.routes) >= MAX_ROUTES:  # make room: forget the routes no task needs now
+                self.routes = {r: q for r, q in self.routes.items() if q.held > 0}
             routed = self.routes[task.route] = RoutedQueue(task.route, self.tasks)
+            routed.eligible = [w for w in self.workers.values() if w.equipment.could_ever_take(task.route)]
+            routed.eligible_set = set(routed.eligible)
+        task.route = routed.route  # one Route object for all its tasks
         routed.held += 1
+        client = task.client.routes
+        client[routed.route] = client.get(routed.route, 0) + 1
         return routed.queue
 
     def _adopt(self, task_id: int, client: ClientRecord, sink: str, priority: int, payload: bytes,
@@ -388,7 +403,7 @@ class SchedulerState:
         worker = WorkerRecord(wid, name, session, 0, pid, host, now, capacity=free + len(still_running),
                               equipment=equipment)
         self.workers[wid] = worker
-        self._generation += 1
+        self._worker_joined_routes(worker)
         if old is not None:
             for task in [t for t in old.tasks if t.id in still_running]:
                 old.tasks.discard(task)
@@ -401,8 +416,10 @@ class SchedulerState:
             worker.abandoned = {i for i in old_abandoned if i in still_running}
             for task_id, route in old.releasing.items():
                 if task_id in still_running:
+                    if not (equipment.could_ever_take(route) and equipment.fits(route) > 0):
+                        worker.overcommitted = True
                     worker.releasing[task_id] = route
-                    worker.equipment.hold(route)
+                    equipment.hold(route)
         room = min(MAX_ORPHANS_PER_WORKER, MAX_ORPHANS - len(self._orphans))
         for task_id in still_running:
             if room <= 0:
@@ -446,6 +463,7 @@ class SchedulerState:
         worker.done += self._finish(worker, finished, n_failed, errors, now)
         retried: list[int] = []
         for i in range(0, len(retries) - 1, 2):
+            self._released(worker, retries[i])
             task = self.tasks.get(retries[i]) if type(retries[i]) is int else None
             delay = retries[i + 1]
             if task is None or task.worker is not worker or not isinstance(delay, (int, float)):
@@ -472,9 +490,7 @@ class SchedulerState:
             if type(task_id) is not int:
                 continue
             if releasing:
-                route = releasing.pop(task_id, None)
-                if route is not None:
-                    worker.equipment.hold(route, -1)
+                self._released(worker, task_id)
             task = tasks.get(task_id)
             if task is not None:
                 if task.worker is not worker:
@@ -496,12 +512,23 @@ class SchedulerState:
                 worker.orphans.discard(task_id)
                 if self._orphans.get(task_id) is worker:
                     del self._orphans[task_id]
+        if worker.overcommitted and not worker.equipment.over() and all(
+                t.route is None or worker.equipment.tags >= t.route.tags for t in worker.tasks):
+            worker.overcommitted = False  # what it was given beyond its means has finished
         failed = min(n, n_failed) if type(n_failed) is int and n_failed > 0 else 0
         self.counters.failed += failed
         self.counters.done += n - failed
         if ours:
             self._report_finished(worker, ours, errors, now)
         return n
+
+    @staticmethod
+    def _released(worker: WorkerRecord, task_id: Any) -> None:
+        """The worker no longer runs `task_id` (finished, to retry, handed back): a cancelled task's
+        resources, held until now, come back."""
+        route = worker.releasing.pop(task_id, None) if worker.releasing else None
+        if route is not None:
+            worker.equipment.hold(route, -1)
 
     def _report_finished(self, worker: WorkerRecord, ours: list[int], errors: list[Any], now: float) -> None:
         """Failures (only of tasks this DONE finished here) into `recent_failures`, and the events."""
@@ -540,6 +567,8 @@ class SchedulerState:
         self._set_free(worker, 0)
         worker.draining = True
         back = {t for t in handed_back if type(t) is int}
+        for task_id in back:
+            self._released(worker, task_id)
         self._requeue_all([t for t in worker.tasks if t.id in back], died=False)
         log.info("worker %s draining; %d tasks handed back", wid.hex(), len(back))
         if self.events is not None:
@@ -628,6 +657,8 @@ class SchedulerState:
             for routed in self.routes.values():
                 if routed.queue.n_ready or routed.queue.n_suspects:
                     self._dispatch_route(routed)
+                else:
+                    routed.blocked = False  # what it waited for may come while it has nothing to send
         self._gained.clear()
         if self.queue.n_suspects:
             self._dispatch_suspects()
@@ -660,28 +691,40 @@ class SchedulerState:
             self._offer(worker)
 
     def _eligible(self, routed: RoutedQueue) -> list[WorkerRecord]:
-        """The live workers that have the route's tags and enough of its resources for one task."""
-        if routed.generation != self._generation:
-            routed.generation = self._generation
-            routed.eligible = [w for w in self.workers.values() if w.equipment.could_ever_take(routed.route)]
-            routed.eligible_set = set(routed.eligible)
-            routed.blocked = False
-        return routed.eligible
+        """The live workers that have the route's tags and enough of its resources for one task (kept as
+        workers come and go; departed ones are dropped from the list lazily)."""
+        eligible, live = routed.eligible, routed.eligible_set
+        if len(eligible) != len(live):
+            if len(eligible) > 2 * len(live) + 8:
+                routed.eligible = eligible = [w for w in eligible if w in live]
+            else:
+                return [w for w in eligible if w in live]
+        return eligible
+
+    def _worker_joined_routes(self, worker: WorkerRecord) -> None:
+        for routed in self.routes.values():
+            if worker.equipment.could_ever_take(routed.route):
+                routed.eligible.append(worker)
+                routed.eligible_set.add(worker)
+        self._gained[worker] = None  # blocked routes look at it
 
     def _dispatch_route(self, routed: RoutedQueue) -> None:
         """Hand one route's tasks to the workers that can take them, each in turn, as far as their free
-        slots and resources left allow. A blocked route looks only at the workers that gained room since:
-        with many routes waiting on busy workers, a dispatch would otherwise cost routes × workers."""
-        workers = self._eligible(routed)
+        slots and resources left allow. A blocked route (its last dispatch left ready tasks: every eligible
+        worker was full for it) looks only at the workers that gained room since, so that many routes
+        waiting on busy workers do not cost every dispatch routes × workers."""
         if routed.blocked:
             workers = [w for w in self._gained if w in routed.eligible_set]
-        if not workers:
-            return
-        queue, route = routed.queue, routed.route
-        self._fill_route(routed, workers)
-        routed.blocked = bool(queue.n_ready or queue.n_suspects)  # every eligible worker is full for it
+        else:
+            workers = self._eligible(routed)
+        if workers:
+            self._fill_route(routed, workers)
+        routed.blocked = routed.queue.n_ready > 0
 
     def _fill_route(self, routed: RoutedQueue, workers: list[WorkerRecord]) -> None:
+        """Suspects one per worker; then, from a different worker each time so equal workers take turns,
+        each a share of the ready tasks (no less than `least`, as in `dispatch`), and in a second round all
+        its room allows. Stops as soon as the tasks are placed: a dispatch need not look at every worker."""
         queue, route = routed.queue, routed.route
         if queue.n_suspects:
             for worker in workers:
@@ -693,32 +736,27 @@ class SchedulerState:
                     worker.suspect = task
                     self._offer(worker)
         remaining = queue.n_ready
-        takers: list[tuple[WorkerRecord, int]] = []
-        room_total = 0
-        for worker in workers:
-            if worker.free > 0 and not worker.draining:
-                room = min(worker.free, worker.equipment.fits(route))
-                if room > 0:
-                    takers.append((worker, room))
-                    room_total += room
-        if not takers or not remaining:
+        if not remaining:
             return
-        # As in `dispatch`: shares in proportion to room, no less than `least`; the first taker changes
-        # from one dispatch to the next, so equal workers take turns.
+        n = len(workers)
         least = max(MIN_SHARE, min(MAX_SHARE, int(self.finish_rate) // DISPATCHES_PER_S))
-        wanted = remaining
-        start = routed.turn % len(takers)
+        share_cap = max(least, -(-remaining // n))
+        start = routed.turn % n
         routed.turn = start + 1
-        for worker, room in takers[start:] + takers[:start]:
-            share = min(room, remaining, max(least, -(-wanted * room // room_total)))
-            batch = queue.pop(share)
-            if not batch:
-                break
-            remaining -= len(batch)
-            self._send_batch(worker, batch)
-            self._offer(worker)
-            if remaining <= 0:
-                break
+        for second_round in (False, True):
+            for k in range(n):
+                if remaining <= 0 or self.free_total <= 0:
+                    return
+                worker = workers[(start + k) % n]
+                if worker.free <= 0 or worker.draining:
+                    continue
+                room = min(worker.free, worker.equipment.fits(route), remaining)
+                batch = queue.pop(room if second_round else min(room, share_cap))
+                if not batch:
+                    continue
+                remaining -= len(batch)
+                self._send_batch(worker, batch)
+                self._offer(worker)
 
     def _dispatch_suspects(self) -> None:
         for worker in self.workers.values():
@@ -825,7 +863,9 @@ class SchedulerState:
             n_suspects += task.state == SUSPECT and task.route is None
         check(self.queue.n_ready == n_queued, f"queue counts {self.queue.n_ready} ready, {n_queued} are")
         check(self.queue.n_suspects == n_suspects, f"queue counts {self.queue.n_suspects} suspects, {n_suspects} are")
-        check(set(by_route) == set(self.routes), "a route held without tasks, or tasks of a route not held")
+        check(set(by_route) <= set(self.routes), "tasks of a route not held")
+        check(all(q.held == 0 and not len(q.queue) for r, q in self.routes.items() if r not in by_route),
+              "a route without tasks counts some")
         check(len(self.routes) <= MAX_ROUTES, "too many routes")
         for route, held in by_route.items():
             routed = self.routes[route]
@@ -833,6 +873,17 @@ class SchedulerState:
             check(routed.route == route and routed.held == len(held), f"route {what}: held {routed.held}, {len(held)} are")
             check(routed.queue.n_ready == sum(t.state == QUEUED for t in held), f"route {what}: ready count")
             check(routed.queue.n_suspects == sum(t.state == SUSPECT for t in held), f"route {what}: suspect count")
+            check(all(t.route is routed.route for t in held), f"route {what}: tasks hold copies of the route")
+            check(routed.eligible_set == {w for w in self.workers.values() if w.equipment.could_ever_take(route)},
+                  f"route {what}: eligible workers")
+            check(routed.eligible_set <= set(routed.eligible), f"route {what}: eligible list")
+        for client in self.clients.values():
+            mine: dict[Route, int] = {}
+            for task in client.tasks:
+                if task.route is not None:
+                    mine[task.route] = mine.get(task.route, 0) + 1
+            check(mine == client.routes, f"client {client.cid.hex()}: routes {client.routes}, its tasks {mine}")
+            check(len(client.routes) <= MAX_ROUTES_PER_CLIENT, f"client {client.cid.hex()}: too many routes")
         for client in self.clients.values():
             check(all(self.tasks.get(t.id) is t for t in client.tasks), f"client {client.cid.hex()} holds a gone task")
         free_total = 0
@@ -854,8 +905,7 @@ class SchedulerState:
                     holding.hold(task.route)
                     check(worker.overcommitted or worker.equipment.tags >= task.route.tags,
                           f"worker {wid.hex()} runs a task needing {task.route.describe()} it has not")
-            check(all(abs(holding.used.get(r, 0) - worker.equipment.used.get(r, 0)) < 1e-6
-                      for r in {*holding.used, *worker.equipment.used}),
+            check(holding.used == worker.equipment.used,
                   f"worker {wid.hex()}: holds {worker.equipment.used}, its tasks need {holding.used}")
             check(worker.overcommitted or not worker.equipment.over(),
                   f"worker {wid.hex()}: holds {worker.equipment.used} of {worker.equipment.resources}")
@@ -874,7 +924,7 @@ class SchedulerState:
             queued = len(routed.queue)
             if queued:
                 takers = [w for w in self._eligible(routed) if not w.draining]
-                out.append({"tags": sorted(routed.route.tags), "resources": dict(routed.route.needs),
+                out.append({"tags": sorted(routed.route.tags), "resources": routed.route.amounts(),
                             "queued": queued, "workers": len(takers),
                             "busy": sum(1 for w in takers if w.free <= 0 or not w.equipment.fits(routed.route))})
         return out
