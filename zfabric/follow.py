@@ -7,7 +7,6 @@ object a task and event, plus ``{"event": "lost", "count": N}`` where it fell be
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, AsyncIterator
 
 import zmq
@@ -19,7 +18,8 @@ from .events import Follower
 from .protocol import Kind, decode
 from .security import Curve
 
-log = logging.getLogger(__name__)
+MAX_QUEUED_BATCHES = 100
+"""Batches of EVENTS read but not yet taken by a slow caller; more are dropped (and reported as lost)."""
 
 
 def reachable(events_address: str, fabric_address: str) -> str:
@@ -47,7 +47,12 @@ async def follow(config: ClientConfig, status: dict[str, Any]) -> AsyncIterator[
     sock.connect(reachable(address, config.address))
     batches: asyncio.Queue[list[list[Any]]] = asyncio.Queue()
     bad_input = transport.BadInput("events")
-    reader = transport.Reader(sock, batches.put_nowait, "events", bad_input)
+
+    def take(batch: list[list[Any]]) -> None:
+        if batches.qsize() < MAX_QUEUED_BATCHES:  # else dropped: the numbering tells the caller how much
+            batches.put_nowait(batch)
+
+    reader = transport.Reader(sock, take, "events", bad_input)
     stop = asyncio.Event()
     reading = asyncio.create_task(reader.run(stop))
     follower = Follower()

@@ -315,6 +315,7 @@ class Scheduler(Service):
         status["bad_input"] = dict(self.bad_input.counts)
         status["dropped_to_clients"] = self.dropped_to_clients
         status["events"] = self.events_address
+        status["events_followed"] = bool(self._topics)
         wall = time.time() - time.monotonic()
         status["recent_failures"] = [{**f, "t": round(f["t"] + wall, 3)} for f in status["recent_failures"]]
         if len(self._rate_samples) >= 2:
