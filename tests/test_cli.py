@@ -117,7 +117,7 @@ def live_worker_pids(fab: Fabric) -> set[int]:
 SUBCOMMAND_OPTIONS = {
     "up": ["--workers", "--app", "--port", "--bind", "--concurrency", "--threads", "--tag", "--resources",
            "--log-level"],
-    "scheduler": ["--bind", "--max-deaths", "--heartbeat-s", "--worker-timeout-s", "--log-level"],
+    "scheduler": ["--bind", "--max-deaths", "--metrics-port", "--heartbeat-s", "--worker-timeout-s", "--log-level"],
     "worker": ["ADDRESS", "--app", "--concurrency", "--threads", "--name", "--grace-s", "--heartbeat-s",
                "--tag", "--resources", "--log-level"],
     "submit": ["ADDRESS", "FUNCTION", "ARGS", "--kw", "--timeout-s", "--log-level"],

@@ -99,6 +99,13 @@ def _check_tags(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return value
 
 
+def metrics_option(fn: Any) -> Any:
+    """``--metrics-port``: Prometheus metrics of the scheduler (SPEC §9)."""
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                        help="Serve Prometheus metrics at http://BIND_HOST:PORT/metrics (needs the observe "
+                             "extra).")(fn)
+
+
 def routing_options(fn: Any) -> Any:
     """``--tag`` and ``--resources``: which routed tasks a worker takes (SPEC §8)."""
     fn = click.option("--resources", callback=_parse_resources, metavar="NAME=N,...", default=None,
@@ -129,11 +136,12 @@ def _routing_args(tags: tuple[str, ...], resources: dict[str, float]) -> list[st
               help="CURVE keys directory for the scheduler and workers (see `zfabric keys`).")
 @click.option("--accept-pickle", is_flag=True, help="Run tasks whose arguments a client pickled (serializer='pickle'): only on fabrics that trust every client.")
 @routing_options
+@metrics_option
 @log_level_option
 @click.pass_context
 def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None, bind: str, concurrency: int,
        threads: int, curve_dir: str | None, accept_pickle: bool, tags: tuple[str, ...],
-       resources: dict[str, float]) -> None:
+       resources: dict[str, float], metrics_port: int | None) -> None:
     """Run a scheduler and N workers in the foreground until Ctrl-C / SIGTERM."""
     from .supervisor import Supervisor
 
@@ -153,7 +161,9 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
 
     async def run() -> None:
         import signal
-        supervisor = Supervisor(["--bind", address, *curve_args], worker_args + curve_args, workers, level)
+        metrics_args = [] if metrics_port is None else ["--metrics-port", str(metrics_port)]
+        supervisor = Supervisor(["--bind", address, *curve_args, *metrics_args], worker_args + curve_args, workers,
+                                level)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,6 +175,9 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
                 fabric = starting.result()
                 click.echo(f"zfabric is up: {fabric} ({workers} workers, apps: {', '.join(app) or 'none'}). "
                            "Ctrl-C to stop.", )
+                if metrics_port:
+                    host = FabricAddress.parse(fabric).host or "127.0.0.1"
+                    click.echo(f"metrics: http://{host}:{metrics_port}/metrics")
                 sys.stdout.flush()
                 await stop.wait()
             click.echo("zfabric: stopping (workers drain first)...", err=True)
@@ -182,16 +195,18 @@ def up(ctx: click.Context, workers: int, app: tuple[str, ...], port: int | None,
               help="Intake address tcp://IP:PORT (workers use PORT+1) or ipc://PATH.")
 @click.option("--max-deaths", type=int, default=SchedulerConfig.max_deaths, show_default=True,
               help="Worker deaths a task may cause before it fails as poison.")
+@metrics_option
 @timing_options
 @curve_option
 @log_level_option
-def scheduler(bind: str, max_deaths: int, curve_dir: str | None, curve_name: str, **timing: Any) -> None:
+def scheduler(bind: str, max_deaths: int, metrics_port: int | None, curve_dir: str | None, curve_name: str,
+              **timing: Any) -> None:
     """Run a scheduler alone."""
     from .runtime import announce_ready, run_until_signalled
     from .scheduler import Scheduler
 
     sched = Scheduler(SchedulerConfig(bind=bind, max_deaths=max_deaths, timing=_timing(timing),
-                                      curve=_curve(curve_dir, curve_name)))
+                                      curve=_curve(curve_dir, curve_name), metrics_port=metrics_port))
 
     async def start() -> None:
         await sched.start()

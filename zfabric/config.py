@@ -107,6 +107,8 @@ class SchedulerConfig:
     `client_timeout_s`."""
     max_queued: int = 2_000_000
     """Tasks held (queued + running) across all clients; beyond it submissions are rejected."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at http://BIND_HOST:PORT/metrics (0 picks a port); needs the observe extra."""
     curve: CurveConfig | None = None
 
 

@@ -55,6 +55,7 @@ class Scheduler(Service):
         self.events_address = ""
         self._topics: set[bytes] = set()  # subscriptions to the event stream (b"": everything)
         self._event_seq = 0
+        self.metrics: Any = None  # a metrics.MetricsServer when `metrics_port` is set
         self._rate_samples: deque[tuple[float, int, int]] = deque(maxlen=int(5 / TICK_S))  # the last 5 s
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -98,6 +99,12 @@ class Scheduler(Service):
             self.events_address = f"{host}:{self._xpub.bind_to_random_port(host)}"
         epoch = int.from_bytes(os.urandom(6), "big")
         self.state = SchedulerState(cfg, epoch)
+        if cfg.metrics_port is not None:
+            from .histogram import Histogram
+            from .metrics import MetricsServer
+            host = address.host or "127.0.0.1"
+            self.metrics = MetricsServer(host.strip("[]"), cfg.metrics_port)
+            self.state.queue_wait, self.state.round_trip = Histogram(), Histogram()
         readers = [transport.Reader(self._intake, self._on_intake, "intake", self.bad_input),
                    transport.Reader(self._router, self._on_router, "workers", self.bad_input, routed=True),
                    transport.Reader(self._xpub, self._on_subscription, "event followers", self.bad_input)]
@@ -109,6 +116,8 @@ class Scheduler(Service):
 
     async def stop(self) -> None:
         await self._end_tasks()
+        if self.metrics is not None:
+            self.metrics.close()
         transport.close_all([getattr(self, "_intake", None), getattr(self, "_router", None),
                              getattr(self, "_xpub", None),
                              *(s.sock for s in self._sinks.values()), *self._status_socks.values()])
@@ -298,6 +307,9 @@ class Scheduler(Service):
         while not self._stop.is_set():
             state.tick(time.monotonic())
             self._rate_samples.append((time.monotonic(), state.counters.done, state.counters.submitted))
+            if self.metrics is not None and len(self._rate_samples) % 3 == 0:
+                from .metrics import snapshot
+                self.metrics.snapshot = snapshot(self.status(), state.queue_wait, state.round_trip)
             self._flush_outbox()
             self._retry_worker_backlogs()
             for sender in self._sinks.values():

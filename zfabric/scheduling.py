@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any
 
 from . import events as ev
+from .histogram import Histogram
 from .config import SchedulerConfig
 from .protocol import (MAX_BATCH_BYTES, MAX_BATCH_TASKS, MAX_PAYLOAD_FRAMES, PAYLOAD_FRAME_BYTES, Accepted, Cancel, Dispatch, Heartbeat, Wire,
                        Missing, Register, Rejected, Result, Status, Welcome, attach, encode, encode_error,
@@ -93,7 +94,10 @@ class SchedulerState:
         self.events: list[ev.Record] | None = None
         """What changed, while someone follows the event stream (the driver sets a list and takes it)."""
         self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
-        self._now = 0.0  # of the last tick, for what happens outside an event that brings its time
+        self._now = 0.0  # of the last event that brought its time
+        self.queue_wait: Histogram | None = None
+        """Seconds from SUBMIT to DISPATCH, and `round_trip` to DONE, when metrics are on (else None)."""
+        self.round_trip: Histogram | None = None
 
     # ---- indexes --------------------------------------------------------------------------
 
@@ -216,6 +220,7 @@ class SchedulerState:
         client = self._client(cid, sink, now)
         if client is None:
             return 0
+        self._now = now
         accepted: list[int] = []
         fresh: list[int] | None = [] if self.events is not None else None
         rejected: list[Any] = []
@@ -267,6 +272,7 @@ class SchedulerState:
                 continue
             room -= 1
             task = Task(task_id, client, results_to or sink, priority, payload, route)
+            task.accepted_at = now
             tasks[task_id] = task
             client.tasks.add(task)
             if route is None:
@@ -311,6 +317,7 @@ class SchedulerState:
         worker = self._orphans.pop(task_id)
         worker.orphans.discard(task_id)
         task = Task(task_id, client, sink, priority, payload, route)
+        task.accepted_at = self._now
         self.tasks[task_id] = task
         client.tasks.add(task)
         queue = self.queue if route is None else self._hold_route(task)
@@ -451,6 +458,7 @@ class SchedulerState:
         if worker is None:
             return  # a peer we do not know finishes nothing: it is asked to register
         self._gained[worker] = None
+        self._now = now
         if session != worker.session:
             # A stale session still reports finished tasks: their results reached the client.
             self._finish(worker, finished, n_failed, errors, now)
@@ -497,6 +505,8 @@ class SchedulerState:
                     continue  # not on this worker: a DONE cannot finish another worker's (or a queued) task
                 del tasks[task_id]
                 self._release_route(task)
+                if self.round_trip is not None:
+                    self.round_trip.observe(now - task.accepted_at)
                 task.state = GONE
                 task.client.tasks.discard(task)
                 self._detach(task)
@@ -774,12 +784,15 @@ class SchedulerState:
         by_sink: dict[str, list[Any]] = {}
         frames: list[Any] = []
         size = count = 0
+        waits = self.queue_wait
         for task in batch:
             task.state = RUNNING
             task.worker = worker
             worker.tasks.add(task)
             if task.route is not None:
                 worker.equipment.hold(task.route)
+            if waits is not None and not task.tries:
+                waits.observe(self._now - task.accepted_at)
             entry = by_sink.get(task.sink)
             if entry is None:
                 entry = by_sink[task.sink] = []
