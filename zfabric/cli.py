@@ -373,6 +373,32 @@ def events(address: str, count: int | None, timeout_s: float, curve_dir: str | N
         pass
 
 
+@main.command()
+@click.argument("address")
+@click.option("--timeout-s", type=float, default=10.0, show_default=True,
+              help="Give up if the scheduler does not answer within this long.")
+@curve_option
+@log_level_option
+def top(address: str, timeout_s: float, curve_dir: str | None, curve_name: str) -> None:
+    """A live view of the fabric at ADDRESS: workers, queue, rates, failures (q quits)."""
+    from .client import Client
+    from .top import require_rich, run
+
+    try:
+        require_rich()
+    except FabricError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def show() -> None:
+        async with Client(address, timeout_s=timeout_s, curve=_curve(curve_dir, curve_name)) as client:
+            await run(client)
+
+    try:
+        _run(show())
+    except KeyboardInterrupt:
+        pass
+
+
 def _equipment(entry: dict[str, Any]) -> str:
     """"tags gpu, eu and resources gpu=2" from a status entry's tags and resources."""
     from .routing import make_route
