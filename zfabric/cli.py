@@ -399,6 +399,40 @@ def top(address: str, timeout_s: float, curve_dir: str | None, curve_name: str) 
         pass
 
 
+@main.command()
+@click.argument("address")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8787, show_default=True,
+              help="Port of the web page (0 picks one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface the page is served on.")
+@click.option("--timeout-s", type=float, default=10.0, show_default=True,
+              help="Give up if the scheduler does not answer within this long.")
+@curve_option
+@log_level_option
+def dashboard(address: str, port: int, host: str, timeout_s: float, curve_dir: str | None, curve_name: str) -> None:
+    """A web page following the fabric at ADDRESS live: workers, queue, task rate, recent failures."""
+    from .client import Client
+    from .dashboard import require_aiohttp, serve
+
+    try:
+        require_aiohttp()
+    except FabricError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def ready(url: str) -> None:
+        click.echo(f"zfabric dashboard for {address} at {url} (Ctrl-C to stop)")
+        sys.stdout.flush()
+
+    async def run() -> None:
+        async with Client(address, timeout_s=timeout_s, curve=_curve(curve_dir, curve_name)) as client:
+            await client.status(timeout_s)  # the fabric answers before the page says it is there
+            await serve(client, host, port, ready)
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        pass
+
+
 def _equipment(entry: dict[str, Any]) -> str:
     """"tags gpu, eu and resources gpu=2" from a status entry's tags and resources."""
     from .routing import make_route
