@@ -36,6 +36,7 @@ STATUS_SOCKETS = 16
 EVENTS_HWM = 200
 """EVENTS messages queued per follower; a slower one loses the rest (and is told how many records)."""
 MAX_TOPICS = 1000
+EVENTS_SNDBUF = 256 * 1024
 
 
 class Scheduler(Service):
@@ -89,6 +90,7 @@ class Scheduler(Service):
                               "(is another scheduler running there? pick another --bind port)") from None
         self._xpub = transport.make_socket(zmq.XPUB, connect=False, sndhwm=EVENTS_HWM, rcvhwm=1000,
                                            heartbeat_ms=hb_ms)
+        self._xpub.setsockopt(zmq.SNDBUF, EVENTS_SNDBUF)  # a follower that does not read costs little copying
         if self._curve is not None:
             self._curve.serve(self._xpub, "clients")
         if address.host is None:
@@ -209,8 +211,8 @@ class Scheduler(Service):
     def _flush_outbox(self) -> None:
         state = self.state
         assert state is not None
-        if state.events:
-            self._publish_events()
+        if state.events and len(state.events) >= events.MAX_RECORDS:
+            self._publish_events()  # else the ticker publishes: fewer, fuller messages
         if not state.outbox:
             return
         while state.outbox:
@@ -306,6 +308,8 @@ class Scheduler(Service):
         assert state is not None
         while not self._stop.is_set():
             state.tick(time.monotonic())
+            if state.events:
+                self._publish_events()
             self._rate_samples.append((time.monotonic(), state.counters.done, state.counters.submitted))
             if self.metrics is not None and len(self._rate_samples) % 3 == 0:
                 from .metrics import snapshot
