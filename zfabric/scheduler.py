@@ -33,8 +33,9 @@ _WORKER_KINDS = (Kind.WORKER_HELLO, Kind.DONE, Kind.WORKER_HEARTBEAT, Kind.DRAIN
 TICK_S = 0.1
 STATUS_SOCKETS = 16
 """Sockets kept for status replies to addresses that are not a client's sink."""
-EVENTS_HWM = 200
-"""EVENTS messages queued per follower; a slower one loses the rest (and is told how many records)."""
+EVENTS_HWM = 50
+"""EVENTS messages queued per follower (about 5 s of them); a slower one loses the rest, and is told how
+many records it lost."""
 MAX_TOPICS = 1000
 EVENTS_SNDBUF = 256 * 1024
 
