@@ -52,10 +52,14 @@ async def test_metrics_count_tasks_workers_and_latencies() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_metrics_without_the_extra_say_which_extra_to_install() -> None:
-    code = ("import sys; sys.modules['prometheus_client'] = None\n"
+@pytest.mark.parametrize("module, args", [
+    ("prometheus_client", ["scheduler", "--bind", "tcp://127.0.0.1:0", "--metrics-port", "0"]),
+    ("rich", ["top", "tcp://127.0.0.1:9"]),
+    ("aiohttp", ["dashboard", "tcp://127.0.0.1:9", "--port", "0"])])
+def test_observe_commands_without_the_extra_say_which_extra_to_install(module: str, args: list[str]) -> None:
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
             "from zfabric.cli import main\n"
-            "main(['scheduler', '--bind', 'tcp://127.0.0.1:0', '--metrics-port', '0'])")
+            f"main({args!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode != 0
     assert "pip install 'zfabric[observe]'" in out.stderr, out.stderr

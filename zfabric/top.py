@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Iterator
 
 from .errors import ConfigError
+from .routing import make_route
 
 REFRESH_S = 0.5
 HISTORY = 120
@@ -88,9 +89,11 @@ def view(seen: Seen, width: int = 120) -> Any:
                         f"{w['done']:,}", f"{seen.worker_rate(w):,.0f}", note)
     parts: list[Any] = [head, spark, workers]
     for route in status.get("waiting", []):
-        needs = ", ".join(route["tags"] + [f"{k}={v}" for k, v in route["resources"].items()])
-        parts.append(Text(f"waiting: {route['queued']:,} tasks for {needs} "
-                          f"({route['workers']} workers could take them)", style="yellow"))
+        wanted = make_route(route["tags"], route["resources"])
+        who = (f"{route['workers']} live workers can take them, {route['busy']} busy" if route["workers"]
+               else "no live worker can take them")
+        parts.append(Text(f"waiting: {route['queued']:,} tasks for {wanted.describe() if wanted else 'nothing'} "
+                          f"({who})", style="yellow"))
     failures = Table(title="recent failures", expand=True, header_style="bold", title_justify="left")
     for column in ("when", "task", "worker", "error"):
         failures.add_column(column)
