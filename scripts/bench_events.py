@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 import zfabric
+from fabric_up import fabric_up
 
 FOLLOW_ONE = """
 import asyncio, sys, zfabric
@@ -106,20 +106,8 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    up = subprocess.Popen([sys.executable, "-m", "zfabric", "--log-level", "warning", "up", "--workers", "2",
-                           "--port", "0", "--app", "zfabric.demo_tasks"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            found = re.search(r"(tcp://[0-9.]+:\d+)", line)
-            if found:
-                break
-        else:
-            raise RuntimeError("zfabric up printed no address")
-        rates, status_ms = asyncio.run(measure(found.group(1), args.tasks, args.rounds))
-    finally:
-        up.terminate()
-        up.wait(30)
+    with fabric_up() as address:
+        rates, status_ms = asyncio.run(measure(address, args.tasks, args.rounds))
     none = statistics.median(rates["none"])
     for kind, label in (("raw", "one follower receiving (not decoding)"), ("one", "one follower decoding every event"),
                         ("crowd", "100 followers not reading")):

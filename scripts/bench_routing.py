@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 import zfabric
+from fabric_up import fabric_up
 
 
 async def measure(address: str, tasks: int, rounds: int) -> dict[str, list[float]]:
@@ -44,21 +43,8 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    up = subprocess.Popen([sys.executable, "-m", "zfabric", "--log-level", "warning", "up", "--workers", "2",
-                           "--port", "0", "--app", "zfabric.demo_tasks", "--tag", "gpu", "--resources", "slot=100000"],
-                          stdout=subprocess.PIPE, text=True)
-    try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            found = re.search(r"(tcp://[0-9.]+:\d+)", line)
-            if found:
-                break
-        else:
-            raise RuntimeError("zfabric up printed no address")
-        rates = asyncio.run(measure(found.group(1), args.tasks, args.rounds))
-    finally:
-        up.terminate()
-        up.wait(30)
+    with fabric_up("--tag", "gpu", "--resources", "slot=100000") as address:
+        rates = asyncio.run(measure(address, args.tasks, args.rounds))
     plain = statistics.median(rates["plain"])
     for name in ("tags", "resources"):
         routed = statistics.median(rates[name])

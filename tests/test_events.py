@@ -38,6 +38,18 @@ async def _followed(client: zfabric.Client, followed: bool = True) -> None:
     await async_wait_for(check, 15, f"the scheduler to see {'a' if followed else 'no'} follower")
 
 
+async def _follow(client: zfabric.Client) -> tuple[list[dict[str, Any]], asyncio.Task[None]]:
+    """Collect `client.events()` in the background, once the scheduler sees the subscription."""
+    seen: list[dict[str, Any]] = []
+
+    async def follow() -> None:
+        async for event in client.events():
+            seen.append(event)
+    following = asyncio.create_task(follow())
+    await _followed(client)
+    return seen, following
+
+
 async def test_zfabric_events_prints_a_json_line_per_task_event(fab: Fabric) -> None:
     proc = subprocess.Popen(zfabric_cmd("events", fab.address, "--count", "300"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -68,13 +80,7 @@ async def test_zfabric_events_prints_a_json_line_per_task_event(fab: Fabric) -> 
 
 async def test_failures_carry_their_error_in_events_and_in_status(fab: Fabric) -> None:
     async with zfabric.Client(fab.address) as client:
-        seen: list[dict[str, Any]] = []
-
-        async def follow() -> None:
-            async for event in client.events():
-                seen.append(event)
-        following = asyncio.create_task(follow())
-        await _followed(client)
+        seen, following = await _follow(client)
         handle = client.submit(f"{TASKS}:fail", "the disk is full")
         with pytest.raises(zfabric.TaskError):
             await handle
@@ -90,13 +96,7 @@ async def test_failures_carry_their_error_in_events_and_in_status(fab: Fabric) -
 
 async def test_worker_events_when_a_worker_joins_and_is_killed(fab: Fabric) -> None:
     async with zfabric.Client(fab.address) as client:
-        seen: list[dict[str, Any]] = []
-
-        async def follow() -> None:
-            async for event in client.events():
-                seen.append(event)
-        following = asyncio.create_task(follow())
-        await _followed(client)
+        seen, following = await _follow(client)
         proc = subprocess.Popen(zfabric_cmd("--log-level", "warning", "worker", fab.address, "--app", TASKS,
                                             "--name", "short-lived"), stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
