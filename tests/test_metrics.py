@@ -36,7 +36,8 @@ async def test_metrics_count_tasks_workers_and_latencies() -> None:
 
             def counted() -> Any:
                 metrics = scrape(port)
-                return metrics.get(("zfabric_tasks_total", (("state", "done"),)), 0) >= 500 and metrics
+                return (metrics.get(("zfabric_tasks_total", (("state", "done"),)), 0) >= 500
+                        and metrics.get(("zfabric_tasks_total", (("state", "failed"),)), 0) >= 3 and metrics)
             metrics = await async_wait_for(counted, 15, "the metrics to count the tasks")
         assert metrics[("zfabric_tasks_total", (("state", "failed"),))] == 3
         assert metrics[("zfabric_tasks_total", (("state", "submitted"),))] == 503
