@@ -160,9 +160,14 @@ def test_the_follower_counts_gaps_and_skips_malformed_records() -> None:
     assert [e["event"] for e in first] == ["done", "done", "failed"] and follower.malformed == 1
     assert follower.feed(Events(10, 2.0, [["worker-joined", "w2", ["host", 7]]])) == [
         {"event": "lost", "t": 2.0, "count": 7}, {"event": "worker-joined", "t": 2.0, "worker": "w2", "host": "host", "pid": 7}]
-    assert follower.feed(Events(5, 3.0, [])) == []  # late or repeated numbering: nothing lost twice
     kind, message = decode(encode(Events(11, 4.0, [["cancelled", "", [9]]])))
     assert kind == Kind.EVENTS and follower.feed(message) == [{"event": "cancelled", "t": 4.0, "task": 9}]
+    # numbered lower: a restarted scheduler counts from 0 again; no gap is made up from the old numbering
+    assert follower.feed(Events(0, 5.0, [["done", "w", [1]]])) == [{"event": "done", "t": 5.0, "worker": "w", "task": 1}]
+    assert follower.feed(Events(3, 6.0, [])) == [{"event": "lost", "t": 6.0, "count": 2}]
+    assert follower.feed(Events(3, float("nan"), [])) == [] and follower.malformed == 2
+    host_bytes = follower.feed(Events(3, 7.0, [["worker-joined", "w", [b"host", 1]], ["failed", "w", [4, b"E", "m"]]]))
+    assert host_bytes == [{"event": "worker-joined", "t": 7.0, "worker": "w"}], "unchecked values would break JSON"
 
 
 async def test_status_json_has_the_fields_of_the_spec_and_peers_bad_input(fab: Fabric) -> None:
@@ -191,3 +196,85 @@ async def test_status_json_has_the_fields_of_the_spec_and_peers_bad_input(fab: F
     for worker in status["workers"]:
         assert {"name", "host", "pid", "running", "free", "done", "bad_input"} <= set(worker), worker
     assert status["done"] >= 10
+
+
+# ---- found by a hostile review (each failed before its fix) ------------------------------------------
+
+async def test_a_strangers_topics_cannot_switch_recording_off_under_a_follower(fab: Fabric) -> None:
+    ctx = zmq.Context()
+    try:
+        async with zfabric.Client(fab.address) as client:
+            address = (await client.status())["events"]
+            junk = []
+            for i in range(50):
+                sub = ctx.socket(zmq.SUB)
+                sub.setsockopt(zmq.SUBSCRIBE, b"topic%d" % i)
+                sub.connect(address)
+                junk.append(sub)
+            seen, following = await _follow(client)
+            for sub in junk:
+                sub.close(linger=0)
+            await client.map(f"{TASKS}:inc", range(20))
+            await async_wait_for(lambda: sum(e["event"] == "done" for e in seen) >= 20, 10,
+                                 "the follower to see the tasks after the strangers left")
+            assert (await client.status())["events_followed"] is True
+            following.cancel()
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_a_follower_carries_on_across_a_scheduler_restart(tmp_path: Any) -> None:
+    from conftest import free_port_pair
+    address = f"tcp://127.0.0.1:{free_port_pair()}"
+
+    def scheduler() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(zfabric_cmd("--log-level", "warning", "scheduler", "--bind", address),
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        read_line_matching(proc, "ZFABRIC-READY", 30)
+        return proc
+    procs = [scheduler()]
+    worker = subprocess.Popen(zfabric_cmd("--log-level", "warning", "worker", address, "--app", TASKS),
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        read_line_matching(worker, "ZFABRIC-READY", 30)
+        async with zfabric.Client(address) as client:
+            seen, following = await _follow(client)
+            procs[0].kill()
+            procs[0].wait(10)
+            procs.append(scheduler())
+            await async_wait_for(lambda: any(e["event"] == "scheduler-restarted" for e in seen), 30,
+                                 "the follower to notice the restart")
+            await _followed(client)
+            assert await client.map(f"{TASKS}:inc", range(10)) == list(range(1, 11))
+            await async_wait_for(lambda: sum(e["event"] == "done" for e in seen) >= 10, 10,
+                                 "events from the new scheduler")
+            following.cancel()
+    finally:
+        for proc in [worker, *procs]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            if proc.stdout:
+                proc.stdout.close()
+
+
+@pytest.mark.timeout(60)
+def test_failed_tasks_are_never_reported_done_and_status_decodes_with_many_workers() -> None:
+    from zfabric.config import SchedulerConfig
+    from zfabric.protocol import StatusReply
+    from zfabric.scheduling import SchedulerState
+    from zfabric.worker_state import MAX_ERRORS
+    state = SchedulerState(SchedulerConfig(), 1)
+    state.events = []
+    state.worker_hello(b"w", "w", 1, 1000, [], 1, "h", 0.0)
+    state.submit(b"c" * 16, "tcp://127.0.0.1:1", "", [x for i in range(150) for x in (i + 1, 0, b"call")], 0.0)
+    state.dispatch()
+    errors = [x for i in range(150) for x in ((i + 1, "ValueError", "bad") if i < MAX_ERRORS else (i + 1, "", ""))]
+    state.worker_done(b"w", 1, 1, 150, list(range(1, 151)), 150, [], 0.1, errors)
+    done = [r for r in state.events if r[0] == "done"]
+    assert not any(r[2] for r in done), "failed tasks were reported done"
+    assert sum(len(r[2]) // 3 for r in state.events if r[0] == "failed") == 150
+    for i in range(6000):  # tagged workers: each costs the status reply several containers
+        state.worker_hello(b"x%d" % i, "n" * 500, 1, 1, [], 1, "h" * 500, 0.0, ["gpu"], {"gpu": 1})
+    kind, reply = decode(encode(StatusReply(state.status())))
+    assert len(reply.status["workers"]) == 6001 and len(reply.status["workers"][-1]["name"]) <= 128

@@ -17,8 +17,7 @@ import zfabric
 
 from conftest import ROOT, TASKS, Fabric, async_wait_for, start_fabric
 
-pytestmark = [pytest.mark.timeout(90),
-              pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")]
+pytestmark = pytest.mark.timeout(90)
 pytest.importorskip("rich", reason="the observe extra is not installed")
 
 
@@ -34,6 +33,7 @@ def _screen(session: str) -> str:
                           timeout=10).stdout
 
 
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 async def test_top_shows_workers_rates_and_failures_and_quits_on_q(fab: Fabric, tmp_path: Path) -> None:
     session = f"zftop-{uuid.uuid4().hex[:8]}"
     rc_file = tmp_path / "rc"
@@ -59,3 +59,21 @@ async def test_top_shows_workers_rates_and_failures_and_quits_on_q(fab: Fabric, 
         assert rc_file.read_text().strip() == "0"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
+
+
+def test_names_from_peers_are_shown_as_text_not_markup() -> None:
+    """A worker may call itself "[/]": rich would read it as markup and raise, ending every `top`."""
+    from rich.console import Console
+
+    from zfabric.top import Seen, view
+    seen = Seen()
+    hostile = "[/]"
+    worker = {"name": hostile, "host": "[bold red]FAKE[/bold red]", "pid": 1, "running": 0, "free": 1, "done": 0}
+    status = {"address": "tcp://x:1", "uptime_s": 1, "workers": [worker], "queued": 0, "running": 0, "done": 0,
+              "failed": 1, "lost": 0, "redelivered": 0,
+              "recent_failures": [{"t": 0.0, "task": 1, "worker": "[/bold]", "type": "[/]", "message": "[link]"}]}
+    seen.add(status, 0.0)
+    console = Console(record=True, width=150, file=open(os.devnull, "w"))
+    console.print(view(seen, 150))
+    text = console.export_text()
+    assert "[/]" in text and "[bold red]FAKE[/bold red]" in text and "[/bold]" in text

@@ -396,8 +396,7 @@ class Client(Submitter, Service):
         ``worker-draining``, ``worker-left``; ``lost`` when this follower fell behind), ``t`` and ``task`` or
         ``worker``. Events before the subscription took hold are not seen."""
         from .follow import follow
-        status = await self.status(self.config.timeout_s)
-        async for event in follow(self.config, status):
+        async for event in follow(self.config, lambda: self.status(self.config.timeout_s)):
             yield event
 
     @property

@@ -61,6 +61,9 @@ async def watch(client: Any, seen: Watch, stop: asyncio.Event) -> None:
             seen.add(await client.status(5.0), time.time())
         except asyncio.TimeoutError:
             seen.error = "the scheduler did not answer within 5 s"
+        except Exception as exc:  # keep watching: the page says what is wrong
+            log.warning("dashboard: status failed: %s", exc)
+            seen.error = f"status failed: {type(exc).__name__}: {exc}"[:300]
         try:
             await asyncio.wait_for(stop.wait(), POLL_S)
         except asyncio.TimeoutError:

@@ -15,6 +15,7 @@ objects `zfabric events` prints, one per task and event.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 from .protocol import Events, encode
@@ -31,30 +32,46 @@ MAX_RECORDS = 1000
 """Records per EVENTS message (each costs two of an envelope's 10,000 containers)."""
 MAX_IDS = 30_000
 """Ids (or failure triples' items) per record on the wire: a longer record is split."""
+MAX_MESSAGE_BYTES = 1024 * 1024
+"""A message is closed once its records (counted roughly) pass this size."""
 
 Record = tuple[str, str, Any]
 
 
+def count_events(record: Any) -> int:
+    """How many events (lines of `zfabric events`) a record holds: the numbering counts these."""
+    kind, data = record[0], record[2]
+    if kind == FAILED:
+        return len(data) // 3
+    return len(data) if kind in TASK_EVENTS else 1
+
+
 def messages(first_seq: int, now: float, records: list[Record]) -> Iterator[bytes]:
-    """EVENTS messages carrying ``records``, the first numbered ``first_seq`` (long id lists split)."""
-    flat: list[Any] = []
-    for kind, who, data in records:
-        if type(data) is list and len(data) > MAX_IDS:
-            step = MAX_IDS - MAX_IDS % 3
-            flat += ([kind, who, data[i:i + step]] for i in range(0, len(data), step))
-        else:
-            flat.append([kind, who, data])
-    for i in range(0, len(flat), MAX_RECORDS):
-        chunk = flat[i:i + MAX_RECORDS]
-        yield encode(Events(first_seq, now, chunk))
-        first_seq += len(chunk)
-
-
-def count_records(records: list[Record]) -> int:
-    """How many numbers `messages` uses for ``records`` (with long records split)."""
+    """EVENTS messages carrying ``records`` (long id lists split; at most `MAX_RECORDS` records and about
+    `MAX_MESSAGE_BYTES` a message), numbered by event from ``first_seq``."""
     step = MAX_IDS - MAX_IDS % 3
-    return sum(-(-len(data) // step) if type(data) is list and len(data) > MAX_IDS else 1
-               for _, _, data in records)
+    chunk: list[Any] = []
+    size = events = 0
+    for kind, who, data in records:
+        parts = ([data[i:i + step] for i in range(0, len(data), step)]
+                 if type(data) is list and len(data) > MAX_IDS else [data])
+        for part in parts:
+            record = [kind, who, part]
+            chunk.append(record)
+            events += count_events(record)
+            size += len(who) + 16 + (sum(10 if type(x) is int else len(x) + 2 for x in part)
+                                     if type(part) is list else len(str(part)))
+            if len(chunk) >= MAX_RECORDS or size >= MAX_MESSAGE_BYTES:
+                yield encode(Events(first_seq, now, chunk))
+                first_seq += events
+                chunk, size, events = [], 0, 0
+    if chunk:
+        yield encode(Events(first_seq, now, chunk))
+
+
+def count_all(records: list[Record]) -> int:
+    """How many numbers `messages` uses for ``records``."""
+    return sum(count_events(record) for record in records)
 
 
 class Follower:
@@ -65,21 +82,31 @@ class Follower:
         self.lost = 0
         self.malformed = 0
 
+    def restart(self) -> None:
+        """The scheduler restarted: its numbering starts again."""
+        self.next_seq = None
+
     def feed(self, message: Events) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         t = float(message.time)
+        if not math.isfinite(t):
+            self.malformed += 1
+            return out
+        if self.next_seq is not None and message.first_seq < self.next_seq:
+            self.restart()  # numbered lower (a SUB never sees its messages reordered): the scheduler restarted
         if self.next_seq is not None and message.first_seq > self.next_seq:
             missed = message.first_seq - self.next_seq
             self.lost += missed
             out.append({"event": LOST_EVENTS, "t": t, "count": missed})
-        if self.next_seq is None or message.first_seq >= self.next_seq:
-            self.next_seq = message.first_seq + len(message.events)
+        n = 0
         for record in message.events:
             expanded = expand(record, t)
             if expanded is None:
                 self.malformed += 1
             else:
                 out += expanded
+                n += count_events(record)
+        self.next_seq = message.first_seq + n
         return out
 
 
@@ -98,14 +125,16 @@ def expand(record: Any, t: float) -> list[dict[str, Any]] | None:
         if type(data) is not list:
             return None
         return [{"event": FAILED, "t": t, "task": data[i], "worker": who,
-                 "error": {"type": str(data[i + 1]), "message": str(data[i + 2])}}
-                for i in range(0, len(data) - 2, 3) if type(data[i]) is int]
+                 "error": {"type": data[i + 1], "message": data[i + 2]}}
+                for i in range(0, len(data) - 2, 3)
+                if type(data[i]) is int and type(data[i + 1]) is str and type(data[i + 2]) is str]
     if kind in WORKER_EVENTS:
         event: dict[str, Any] = {"event": kind, "t": t, "worker": who}
-        if kind == WORKER_JOINED and type(data) is list and len(data) == 2:
+        if kind == WORKER_JOINED and type(data) is list and len(data) == 2 and type(data[0]) is str \
+                and type(data[1]) is int:
             event["host"], event["pid"] = data
-        elif kind == WORKER_LOST:
-            event["why"] = str(data)
+        elif kind == WORKER_LOST and type(data) is str:
+            event["why"] = data
         elif kind == WORKER_DRAINING and type(data) is int:
             event["handed_back"] = data
         return [event]

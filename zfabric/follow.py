@@ -7,7 +7,8 @@ object a task and event, plus ``{"event": "lost", "count": N}`` where it fell be
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import zmq
 
@@ -33,11 +34,42 @@ def reachable(events_address: str, fabric_address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
-async def follow(config: ClientConfig, status: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Events of the fabric whose ``status`` this is, as they happen (until the caller stops iterating)."""
+def _events_address(status: dict[str, Any]) -> str:
     address = status.get("events")
     if not isinstance(address, str) or not address:
         raise FabricError("this scheduler publishes no event stream (it predates zfabric's events)")
+    return address
+
+
+async def follow(config: ClientConfig, status_of: Callable[[], Awaitable[dict[str, Any]]]
+                 ) -> AsyncIterator[dict[str, Any]]:
+    """Events of the fabric whose status `status_of` gives, as they happen (until the caller stops). After
+    `RECHECK_S` of silence it asks for the status again: a restarted scheduler publishes elsewhere (tcp)
+    or numbers from 0 again; either way the follower goes on, with a ``scheduler-restarted`` event."""
+    status = await status_of()
+    address, epoch = _events_address(status), status.get("epoch")
+    while True:
+        async for event in _follow_one(config, address):
+            if event is RECHECK:
+                try:
+                    status = await status_of()
+                except (asyncio.TimeoutError, FabricError):
+                    continue
+                if status.get("epoch") != epoch:
+                    address, epoch = _events_address(status), status.get("epoch")
+                    yield {"event": RESTARTED, "t": time.time()}
+                    break
+            else:
+                yield event
+
+
+RECHECK: dict[str, Any] = {}
+"""Yielded by `_follow_one` after a silence (never to the caller)."""
+RESTARTED = "scheduler-restarted"
+RECHECK_S = 5.0
+
+
+async def _follow_one(config: ClientConfig, address: str) -> AsyncIterator[dict[str, Any]]:
     sock = transport.make_socket(zmq.SUB, connect=True, rcvhwm=10_000,
                                  heartbeat_ms=int(config.timing.heartbeat_s * 1000))
     if config.curve is not None:
@@ -58,7 +90,12 @@ async def follow(config: ClientConfig, status: dict[str, Any]) -> AsyncIterator[
     follower = Follower()
     try:
         while True:
-            for frames in await batches.get():
+            try:
+                batch = await asyncio.wait_for(batches.get(), RECHECK_S)
+            except asyncio.TimeoutError:
+                yield RECHECK
+                continue
+            for frames in batch:
                 try:
                     _, message = decode(frames if len(frames) > 1 else frames[0], expect=(Kind.EVENTS,))
                 except ProtocolError as exc:

@@ -343,7 +343,9 @@ def payload_of(ref: Any, frames: Sequence[Any], used: set[int]) -> Buffer | None
 
 
 ENVELOPE_CONTAINERS = 10_000
-"""Arrays and maps one envelope may hold in all (a real one holds a handful: batches are flat)."""
+"""Arrays and maps one envelope may hold in all (a real one holds a handful: batches are flat)..."""
+STATUS_CONTAINERS = 100_000
+"""...but a STATUS_REPLY holds a map per worker and client (and a few more for tagged ones)."""
 
 
 class _ContainerBudget:
@@ -379,7 +381,9 @@ def decode(message: bytes | Sequence[Any], *, expect: Sequence[Kind] | None = No
         frame, frames = message, ()
     else:
         frame, frames = message[0], tuple(message[1:])
-    budget = _ContainerBudget(ENVELOPE_CONTAINERS)
+    # A status reply is [2, 14, {...}]: its third byte names its kind before anything is decoded.
+    budget = _ContainerBudget(STATUS_CONTAINERS if len(frame) > 2 and frame[2] == Kind.STATUS_REPLY
+                              else ENVELOPE_CONTAINERS)
     try:
         msg = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,

@@ -16,7 +16,7 @@ QUEUED, RUNNING, DELAYED, SUSPECT, GONE = 0, 1, 2, 3, -1
 
 class Task:
     __slots__ = ("id", "client", "sink", "priority", "payload", "state", "worker", "tries", "deaths", "lost_alone",
-                 "route", "accepted_at")
+                 "route", "accepted_at", "queued_at")
 
     def __init__(self, task_id: int, client: "ClientRecord", sink: str, priority: int, payload: bytes,
                  route: Route | None = None) -> None:
@@ -31,7 +31,8 @@ class Task:
         self.deaths = 0  # workers that died while it ran beside other tasks
         self.lost_alone = 0  # workers that died while it ran isolated in a child process (no evidence)
         self.route = route  # the tags and resources it needs of its worker; None: any worker
-        self.accepted_at = 0.0  # when the scheduler took it (for the queue-wait and round-trip metrics)
+        self.accepted_at = 0.0  # when the scheduler took it (for the round-trip metric)
+        self.queued_at = 0.0  # when it last went into the queue (for the queue-wait metric)
 
 
 @dataclass(eq=False)

@@ -36,7 +36,6 @@ STATUS_SOCKETS = 16
 EVENTS_HWM = 50
 """EVENTS messages queued per follower (about 5 s of them); a slower one loses the rest, and is told how
 many records it lost."""
-MAX_TOPICS = 1000
 EVENTS_SNDBUF = 256 * 1024
 
 
@@ -174,19 +173,19 @@ class Scheduler(Service):
         self._flush_outbox()
 
     def _on_subscription(self, batch: list[list[Any]]) -> None:
-        """XPUB subscribe (``\x01topic``) and unsubscribe (``\x00topic``, also when a follower goes): the
-        state machine records events only while some subscription stands."""
+        """XPUB subscribe (``\x01``) and unsubscribe (``\x00``: the last follower went): the state machine
+        records events only while a follower is there. Other topics are refused: counting them would let a
+        stranger's unsubscriptions switch recording off under a real follower."""
         state = self.state
         assert state is not None
         for frames in batch:
             frame = frames[0] if len(frames) == 1 else None
-            if type(frame) is not bytes or frame[:1] not in (b"\x00", b"\x01") or len(frame) > 256:
-                self.bad_input("bad event subscription", "", f"{len(frames)} frames")
-                continue
-            if frame[0] == 1 and len(self._topics) < MAX_TOPICS:
-                self._topics.add(frame[1:])
-            elif frame[0] == 0:
-                self._topics.discard(frame[1:])
+            if frame == b"\x01":
+                self._topics.add(b"")
+            elif frame == b"\x00":
+                self._topics.discard(b"")
+            else:  # the stream has no topics: a follower subscribes to everything (b"") or to nothing
+                self.bad_input("bad event subscription", "", f"{len(frames)} frames, not a subscription to b''")
         if self._topics and state.events is None:
             state.events = []
             log.info("an event follower subscribed; recording events")
@@ -206,7 +205,7 @@ class Scheduler(Service):
                 self._xpub.send(message, zmq.NOBLOCK)  # over a follower's HWM libzmq drops: never blocks
             except zmq.ZMQError as exc:
                 self.bad_input("event publication", "", str(exc))
-        self._event_seq += events.count_records(records)
+        self._event_seq += events.count_all(records)
         self._readers[2].after_send()
 
     def _flush_outbox(self) -> None:

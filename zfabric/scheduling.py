@@ -47,7 +47,10 @@ floor at `MIN_SHARE` and spread as widely as before."""
 MAX_SHARE = MAX_BATCH_TASKS // 2
 RECENT_FAILURES = 20
 """Failures kept for `status` (with their errors, as the workers reported them)."""
-MAX_ERRORS_PER_DONE = 100
+MAX_ERRORS_PER_DONE = MAX_BATCH_TASKS
+MAX_SINK_CHARS = 512
+MAX_NAME_CHARS = 128
+"""A worker's name and host are cut to this (they go into every status and event about it)."""
 MAX_ROUTES = 256
 """Most different routes (tag and resource sets) held at once: each one costs every dispatch a look."""
 MAX_ROUTES_PER_CLIENT = 16
@@ -180,6 +183,9 @@ class SchedulerState:
         """The client's record (registering it, with a WELCOME); None when the scheduler has no room."""
         client = self.clients.get(cid)
         if client is None:
+            if len(sink) > MAX_SINK_CHARS:  # it would be repeated in every status and event of the client
+                self.refused_clients += 1
+                return None
             if len(self.clients) >= self.config.max_clients and not self._evict_idle_client():
                 self.refused_clients += 1
                 return None
@@ -272,7 +278,7 @@ class SchedulerState:
                 continue
             room -= 1
             task = Task(task_id, client, results_to or sink, priority, payload, route)
-            task.accepted_at = now
+            task.accepted_at = task.queued_at = now
             tasks[task_id] = task
             client.tasks.add(task)
             if route is None:
@@ -317,7 +323,7 @@ class SchedulerState:
         worker = self._orphans.pop(task_id)
         worker.orphans.discard(task_id)
         task = Task(task_id, client, sink, priority, payload, route)
-        task.accepted_at = self._now
+        task.accepted_at = task.queued_at = self._now
         self.tasks[task_id] = task
         client.tasks.add(task)
         queue = self.queue if route is None else self._hold_route(task)
@@ -404,6 +410,7 @@ class SchedulerState:
             self._remove_worker(old)
         still_running = {t for t in running[:MAX_SLOTS_PER_WORKER] if type(t) is int}
         free = max(0, min(free, MAX_SLOTS_PER_WORKER))
+        name, host = name[:MAX_NAME_CHARS], host[:MAX_NAME_CHARS]
         checked_tags, checked_resources = check_tags(tags), check_resources(resources or {})
         problem = next((p for p in (checked_tags, checked_resources) if isinstance(p, str)), "")
         equipment = Equipment() if problem else Equipment(checked_tags, checked_resources)  # type: ignore[arg-type]
@@ -513,11 +520,9 @@ class SchedulerState:
                 n += 1
                 if ours is not None:
                     ours.append(task_id)
-            elif task_id in worker.abandoned:
+            elif task_id in worker.abandoned:  # its client left: reported cancelled then, counted now
                 worker.abandoned.discard(task_id)
                 n += 1
-                if ours is not None:
-                    ours.append(task_id)
             elif task_id in worker.orphans:
                 worker.orphans.discard(task_id)
                 if self._orphans.get(task_id) is worker:
@@ -551,8 +556,9 @@ class SchedulerState:
                     mine.discard(task_id)
                     type_name, message = type_name[:100], message[:300]
                     failures += (task_id, type_name, message)
-                    self.recent_failures.append({"task": task_id, "worker": worker.name, "type": type_name,
-                                                 "message": message, "t": now})
+                    if type_name:  # past the worker's first 100 a DONE names failures without their error
+                        self.recent_failures.append({"task": task_id, "worker": worker.name, "type": type_name,
+                                                     "message": message, "t": now})
         if self.events is not None:
             if failures:
                 failed_ids = set(failures[0::3])
@@ -624,9 +630,8 @@ class SchedulerState:
         who = ""
         for task in sorted(tasks, key=lambda t: t.id):
             isolated = task.worker is not None and task.worker.suspect is task
-            if moved is not None:
-                who = task.worker.name if task.worker is not None else who
-                moved.append(task.id)
+            if moved is not None and task.worker is not None:
+                who = task.worker.name
             self._detach(task)
             if died:
                 if isolated:
@@ -636,6 +641,9 @@ class SchedulerState:
                         continue
                 else:
                     task.deaths += 1
+            if moved is not None:
+                moved.append(task.id)
+            task.queued_at = self._now
             self.counters.redelivered += 1
             if task.deaths >= suspect_after:
                 self._queue_of(task).push_suspect(task)
@@ -791,8 +799,8 @@ class SchedulerState:
             worker.tasks.add(task)
             if task.route is not None:
                 worker.equipment.hold(task.route)
-            if waits is not None and not task.tries:
-                waits.observe(self._now - task.accepted_at)
+            if waits is not None:
+                waits.observe(self._now - task.queued_at)
             entry = by_sink.get(task.sink)
             if entry is None:
                 entry = by_sink[task.sink] = []
@@ -848,6 +856,7 @@ class SchedulerState:
         for queue in [self.queue, *(routed.queue for routed in self.routes.values())]:
             if queue.n_delayed:
                 for task in queue.due(now):
+                    task.queued_at = now
                     queue.push(task, front=True)
         self.dispatch()
 

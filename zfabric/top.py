@@ -73,7 +73,7 @@ def view(seen: Seen, width: int = 120) -> Any:
         return Text("waiting for the scheduler's status...")
     rate = seen.rates[-1] if seen.rates else 0.0
     head = Text.assemble(
-        ("zfabric ", "bold"), status.get("address", ""), f"   up {status.get('uptime_s', 0):.0f} s   ",
+        ("zfabric ", "bold"), str(status.get("address", "")), f"   up {status.get('uptime_s', 0):.0f} s   ",
         ("workers ", "bold"), str(len(status["workers"])), "   ", ("queued ", "bold"), f"{status['queued']:,}",
         "   ", ("running ", "bold"), f"{status['running']:,}", "   ", ("done ", "bold"), f"{status['done']:,}",
         "   ", ("failed ", "bold red" if status["failed"] else "bold"), f"{status['failed']:,}",
@@ -85,8 +85,9 @@ def view(seen: Seen, width: int = 120) -> Any:
         workers.add_column(column, justify=justify)  # type: ignore[arg-type]
     for w in sorted(status["workers"], key=lambda w: w["name"]):
         note = "draining" if w.get("draining") else ", ".join(w.get("tags", []))
-        workers.add_row(w["name"], w["host"], str(w["pid"]), f"{w['running']:,}", f"{w['free']:,}",
-                        f"{w['done']:,}", f"{seen.worker_rate(w):,.0f}", note)
+        # Text, never a str: rich would read a peer's "[/]" in a name as markup (and raise)
+        workers.add_row(Text(str(w["name"])), Text(str(w["host"])), str(w["pid"]), f"{w['running']:,}",
+                        f"{w['free']:,}", f"{w['done']:,}", f"{seen.worker_rate(w):,.0f}", Text(note))
     parts: list[Any] = [head, spark, workers]
     for route in status.get("waiting", []):
         wanted = make_route(route["tags"], route["resources"])
@@ -99,7 +100,7 @@ def view(seen: Seen, width: int = 120) -> Any:
         failures.add_column(column)
     for failure in list(status.get("recent_failures", []))[-8:][::-1]:
         when = time.strftime("%H:%M:%S", time.localtime(failure["t"]))
-        failures.add_row(when, f"{failure['task']:#x}", failure["worker"] or "-",
+        failures.add_row(when, f"{failure['task']:#x}", Text(str(failure["worker"] or "-")),
                          Text(f"{failure['type']}: {failure['message']}", style="red"))
     parts += [failures, Text("q quits", style="dim")]
     return Group(*parts)

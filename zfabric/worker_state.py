@@ -32,7 +32,7 @@ from typing import Any
 from .protocol import MAX_BATCH_TASKS, Buffer, payload_of
 
 MAX_ERRORS = 100
-"""Failures whose type and message one DONE carries (the rest are only counted)."""
+"""Failures whose type and message one DONE carries (the rest are named with empty ones)."""
 
 log = logging.getLogger("zfabric.worker")
 
@@ -266,8 +266,11 @@ class WorkerState:
         if failed:
             self.n_failed += 1
             self.counts["failed"] += 1
+            # every failure is named (so none passes for done), the first MAX_ERRORS with their error
             if error is not None and len(self.errors) < 3 * MAX_ERRORS:
                 self.errors += (task_id, error[0][:100], error[1][:300])
+            else:
+                self.errors += (task_id, "", "")
         else:
             self.counts["done"] += 1
         return True
