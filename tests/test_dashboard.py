@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -65,6 +66,26 @@ async def test_the_dashboard_shows_live_workers_rate_and_failures_in_a_browser(f
         shot = tmp_path / "dashboard.png"
         browse(url, f"--screenshot={shot}", "--window-size=1280,900")
         assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+async def test_the_dashboard_refuses_requests_for_other_host_names(fab: Fabric) -> None:
+    """DNS rebinding: a page at evil.example whose name now points here must not read the status."""
+    port = free_port_pair()
+    proc = subprocess.Popen(zfabric_cmd("--log-level", "warning", "dashboard", fab.address, "--port", str(port)),
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        read_line_matching(proc, rf"at http://127.0.0.1:{port}/", 30)
+        url = f"http://127.0.0.1:{port}/api/status"
+        ours = urllib.request.urlopen(urllib.request.Request(url, headers={"Host": f"localhost:{port}"}), timeout=5)
+        assert ours.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers={"Host": f"evil.example:{port}"}), timeout=5)
+        assert refused.value.code == 403
     finally:
         proc.kill()
         proc.wait(10)

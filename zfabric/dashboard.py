@@ -70,8 +70,16 @@ async def watch(client: Any, seen: Watch, stop: asyncio.Event) -> None:
             pass
 
 
-def make_app(seen: Watch) -> Any:
+def make_app(seen: Watch, hosts: set[str] | None = None) -> Any:
+    """The page and its data. With ``hosts``, a request naming any other Host is refused: a web page
+    elsewhere that rebinds its own name to this address must not read the fabric's status."""
     web = require_aiohttp()
+
+    @web.middleware
+    async def only_our_host(request: Any, handler: Any) -> Any:
+        if hosts is not None and request.host.rsplit(":", 1)[0].strip("[]") not in hosts:
+            return web.Response(status=403, text=f"this dashboard answers for {', '.join(sorted(hosts))} only")
+        return await handler(request)
 
     async def index(request: Any) -> Any:
         return web.Response(text=PAGE, content_type="text/html")
@@ -79,7 +87,7 @@ def make_app(seen: Watch) -> Any:
     async def api_status(request: Any) -> Any:
         return web.json_response(seen.payload(), headers={"Cache-Control": "no-store"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[only_our_host])
     app.router.add_get("/", index)
     app.router.add_get("/api/status", api_status)
     return app
@@ -91,7 +99,8 @@ async def serve(client: Any, host: str, port: int, ready: Any = None) -> None:
     seen = Watch()
     stop = asyncio.Event()
     watching = asyncio.create_task(watch(client, seen, stop))
-    runner = web.AppRunner(make_app(seen), access_log=None)
+    allowed = {host, "localhost", "127.0.0.1", "::1"} if host not in ("0.0.0.0", "::", "") else None
+    runner = web.AppRunner(make_app(seen, allowed), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -58,11 +58,11 @@ class _Collector:
             waiting.add_metric([",".join(route["tags"] + [f"{k}={v}" for k, v in route["resources"].items()])],
                                route["queued"])
         yield waiting
-        running = GaugeMetricFamily("zfabric_worker_running", "Tasks running on a worker.", labels=["worker", "host"])
-        free = GaugeMetricFamily("zfabric_worker_free", "Free slots of a worker.", labels=["worker", "host"])
-        done = CounterMetricFamily("zfabric_worker_tasks", "Tasks a worker finished.", labels=["worker", "host"])
+        running = GaugeMetricFamily("zfabric_worker_running", "Tasks running on a worker.", labels=["worker", "host", "id"])
+        free = GaugeMetricFamily("zfabric_worker_free", "Free slots of a worker.", labels=["worker", "host", "id"])
+        done = CounterMetricFamily("zfabric_worker_tasks", "Tasks a worker finished.", labels=["worker", "host", "id"])
         for w in status["workers"]:
-            labels = [w["name"], w["host"]]
+            labels = [w["name"], w["host"], w["id"]]  # the id: two workers may share a name
             running.add_metric(labels, w["running"])
             free.add_metric(labels, w["free"])
             done.add_metric(labels, w["done"])
