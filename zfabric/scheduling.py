@@ -122,7 +122,7 @@ class SchedulerState:
         self._detach(task)
 
     def _release_route(self, task: Task) -> None:
-        """A held task is gone: its route's record goes with the last one."""
+        """A held task is gone: one fewer for its route and its client."""
         if task.route is not None:
             client = task.client.routes
             client[task.route] -= 1
