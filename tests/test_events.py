@@ -38,6 +38,16 @@ async def _followed(client: zfabric.Client, followed: bool = True) -> None:
     await async_wait_for(check, 15, f"the scheduler to see {'a' if followed else 'no'} follower")
 
 
+def _subscriber(ctx: zmq.Context, address: str, topic: bytes, **options: int) -> zmq.Socket:
+    """A raw SUB socket on the event stream (that reads only when the test says)."""
+    sub = ctx.socket(zmq.SUB)
+    for name, value in options.items():
+        sub.setsockopt(getattr(zmq, name), value)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(address)
+    return sub
+
+
 async def _follow(client: zfabric.Client) -> tuple[list[dict[str, Any]], asyncio.Task[None]]:
     """Collect `client.events()` in the background, once the scheduler sees the subscription."""
     seen: list[dict[str, Any]] = []
@@ -119,19 +129,12 @@ async def test_worker_events_when_a_worker_joins_and_is_killed(fab: Fabric) -> N
 
 async def test_a_follower_that_falls_behind_is_told_how_much_it_missed_and_slows_nothing(fab: Fabric) -> None:
     """A SUB socket that reads nothing while 100 others follow: the scheduler sends on, drops for it, and
-    the numbering says how many records it lost; the map is not held up."""
+    the numbering says how many events it lost; the map is not held up."""
     ctx = zmq.Context()
     try:
         async with zfabric.Client(fab.address) as client:
             address = (await client.status())["events"]
-            crowd = []
-            for _ in range(100):
-                sub = ctx.socket(zmq.SUB)
-                sub.setsockopt(zmq.RCVHWM, 1)
-                sub.setsockopt(zmq.RCVBUF, 4096)
-                sub.setsockopt(zmq.SUBSCRIBE, b"")
-                sub.connect(address)
-                crowd.append(sub)
+            crowd = [_subscriber(ctx, address, b"", RCVHWM=1, RCVBUF=4096) for _ in range(100)]
             await _followed(client)
             for _ in range(12):  # more EVENTS messages than a follower is kept (EVENTS_HWM and buffers)
                 started = time.monotonic()
@@ -205,12 +208,7 @@ async def test_a_strangers_topics_cannot_switch_recording_off_under_a_follower(f
     try:
         async with zfabric.Client(fab.address) as client:
             address = (await client.status())["events"]
-            junk = []
-            for i in range(50):
-                sub = ctx.socket(zmq.SUB)
-                sub.setsockopt(zmq.SUBSCRIBE, b"topic%d" % i)
-                sub.connect(address)
-                junk.append(sub)
+            junk = [_subscriber(ctx, address, b"topic%d" % i) for i in range(50)]
             seen, following = await _follow(client)
             for sub in junk:
                 sub.close(linger=0)

@@ -74,8 +74,8 @@ async def test_tagged_tasks_run_only_where_every_tag_is(routed: tuple[Fabric, Wo
         assert tagged_pids == {pids["gpu"]: 300}, f"tasks tagged gpu ran on {tagged_pids}, gpu-box is {pids['gpu']}"
         assert set(plain_pids) <= {pids["gpu"], pids["plain"]} and sum(plain_pids.values()) == 300
         # map takes the same options, and resources count too
-        values = await client.options(tags=["gpu"], resources={"mem_gb": 8}).map(f"{TASKS}:pid", [()] * 0)
-        assert values == []
+        values = await client.options(tags=["gpu"], resources={"mem_gb": 8}).map(f"{TASKS}:apid", [0.0] * 50)
+        assert values == [pids["gpu"]] * 50
         assert set(await asyncio.gather(*[client.options(resources={"mem_gb": 32}).submit(f"{TASKS}:pid")
                                           for _ in range(20)])) == {pids["gpu"]}
 
